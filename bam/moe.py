@@ -1,0 +1,161 @@
+"""FFN experts: the router, dropless dispatch, and the auxiliary losses (METHOD.md 3.1).
+
+Shapes use suffixes: T tokens, D model width, F expert hidden width, E experts, K experts per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bam.config import BamConfig
+
+
+def load_balancing_loss(probs_TE: torch.Tensor, expert_index_TK: torch.Tensor) -> torch.Tensor:
+    """Switch loss `N * sum_i f_i * P_i`.
+
+    f_i is the share of the T*K dispatched (token, slot) pairs that go to expert i, so the loss is
+    1.0 at perfect balance for every K (Mixtral counts per slot and gets K instead; normalising
+    keeps one coefficient meaningful across top-k settings).
+    """
+    n_experts = probs_TE.shape[-1]
+    counts_E = torch.bincount(expert_index_TK.flatten(), minlength=n_experts)
+    fraction_E = counts_E.to(probs_TE.dtype) / expert_index_TK.numel()
+    return n_experts * torch.sum(fraction_E * probs_TE.mean(dim=0))
+
+
+def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
+    """ST-MoE z-loss: mean over tokens of logsumexp(logits)^2, keeps router logits small."""
+    return torch.logsumexp(logits_TE, dim=-1).square().mean()
+
+
+@dataclass
+class Routing:
+    """What a router decided for one layer: enough to dispatch, compute losses and plot."""
+
+    logits_TE: torch.Tensor  # fp32
+    probs_TE: torch.Tensor  # fp32 softmax over all experts
+    expert_index_TK: torch.Tensor
+    gate_TK: torch.Tensor
+
+
+class LinearRouter(nn.Module):
+    """`p = softmax(W h)`, top-k; gates are p of the selected experts, optionally renormalized.
+
+    Renormalizing the top-k probabilities equals a softmax over the top-k logits (Mixtral's rule);
+    with top-1 it makes the gate 1 and the router gets no gradient, hence BAM's unnormalized default.
+    Logits and softmax are computed in fp32 whatever the activation dtype.
+    """
+
+    def __init__(self, config: BamConfig):
+        super().__init__()
+        self.top_k = config.ffn_top_k
+        self.renormalize = config.ffn_renormalize
+        self.weight = nn.Parameter(torch.empty(config.n_ffn_experts, config.hidden_size))
+
+    def forward(self, h_TD: torch.Tensor) -> Routing:
+        logits_TE = F.linear(h_TD.float(), self.weight.float())
+        probs_TE = logits_TE.softmax(dim=-1)
+        gate_TK, expert_index_TK = probs_TE.topk(self.top_k, dim=-1)
+        if self.renormalize:
+            gate_TK = gate_TK / gate_TK.sum(dim=-1, keepdim=True)
+        return Routing(logits_TE, probs_TE, expert_index_TK, gate_TK)
+
+
+def _contiguous_grad(grad: torch.Tensor) -> torch.Tensor:
+    # grouped_mm's backward rejects stride-0 gradients (e.g. from `out.sum().backward()`).
+    return grad.contiguous()
+
+
+def grouped_matmul(x_TI: torch.Tensor, weight_EOI: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    """Rows of x are sorted by expert; row block e (ending at offsets_E[e]) is multiplied by weight[e]^T."""
+    if x_TI.requires_grad:
+        x_TI.register_hook(_contiguous_grad)
+    out_TO = F.grouped_mm(x_TI, weight_EOI.transpose(1, 2), offs=offsets_E)
+    if out_TO.requires_grad:
+        out_TO.register_hook(_contiguous_grad)
+    return out_TO
+
+
+def _grouped_mm_usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """grouped_mm needs 16-byte aligned strides and a dtype/device its kernels support."""
+    if not hasattr(F, "grouped_mm") or x.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    align = 16 // x.element_size()
+    return all(dim % align == 0 for w in weights for dim in w.shape[1:])
+
+
+class SwiGLUExperts(nn.Module):
+    """E SwiGLU FFNs stored as 3-D tensors (the layout of transformers' Mixtral, gate rows first)."""
+
+    def __init__(self, config: BamConfig, n_experts: int):
+        super().__init__()
+        d, f = config.hidden_size, config.intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * f, d))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, d, f))
+        self.dispatch = config.expert_dispatch
+
+    def dense(self, h_TD: torch.Tensor, expert: int = 0) -> torch.Tensor:
+        """Run every token through one expert."""
+        gate_TF, up_TF = F.linear(h_TD, self.gate_up_proj[expert]).chunk(2, dim=-1)
+        return F.linear(F.silu(gate_TF) * up_TF, self.down_proj[expert])
+
+    def forward(self, h_TD: torch.Tensor, expert_index_TK: torch.Tensor, gate_TK: torch.Tensor) -> torch.Tensor:
+        """Dropless: every (token, slot) pair is computed; output is sum_k gate_k * FFN_{e_k}(h)."""
+        n_tokens, top_k = expert_index_TK.shape
+        n_experts = self.gate_up_proj.shape[0]
+        # Sort the T*K (token, slot) pairs by expert so each expert sees one contiguous block.
+        flat_expert_S = expert_index_TK.flatten()
+        order_S = torch.argsort(flat_expert_S, stable=True)
+        counts_E = torch.bincount(flat_expert_S, minlength=n_experts)
+        x_SD = h_TD[order_S // top_k]
+
+        if self.dispatch == "grouped" and _grouped_mm_usable(x_SD, self.gate_up_proj, self.down_proj):
+            offsets_E = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
+            gate_SF, up_SF = grouped_matmul(x_SD, self.gate_up_proj, offsets_E).chunk(2, dim=-1)
+            y_SD = grouped_matmul(F.silu(gate_SF) * up_SF, self.down_proj, offsets_E)
+        else:
+            # Exact fallback: one plain matmul per expert that received tokens.
+            blocks = []
+            for expert, x_block in enumerate(torch.split(x_SD, counts_E.tolist())):
+                if x_block.shape[0]:
+                    blocks.append(self.dense(x_block, expert))
+            y_SD = torch.cat(blocks) if blocks else x_SD.new_zeros(0, x_SD.shape[1])
+
+        # Undo the sort, weight each slot by its gate and sum the K slots of each token.
+        y_TKD = torch.empty_like(y_SD).index_copy_(0, order_S, y_SD).view(n_tokens, top_k, -1)
+        return torch.einsum("tkd,tk->td", y_TKD, gate_TK.to(y_TKD.dtype))
+
+
+@dataclass
+class FFNOutput:
+    y_TD: torch.Tensor
+    load_balancing_loss: torch.Tensor | None = None
+    z_loss: torch.Tensor | None = None
+    routing: Routing | None = None
+
+
+class MoEFFN(nn.Module):
+    """The FFN of a block: one SwiGLU when dense, else a routed mixture of SwiGLU experts."""
+
+    def __init__(self, config: BamConfig):
+        super().__init__()
+        self.n_experts = config.n_ffn_experts
+        self.router = LinearRouter(config) if self.n_experts > 1 else None
+        self.experts = SwiGLUExperts(config, self.n_experts)
+
+    def forward(self, h_BTD: torch.Tensor) -> FFNOutput:
+        h_TD = h_BTD.reshape(-1, h_BTD.shape[-1])
+        if self.router is None:
+            return FFNOutput(self.experts.dense(h_BTD))
+        routing = self.router(h_TD)
+        y_TD = self.experts(h_TD, routing.expert_index_TK, routing.gate_TK)
+        return FFNOutput(
+            y_TD.view_as(h_BTD),
+            load_balancing_loss(routing.probs_TE, routing.expert_index_TK),
+            router_z_loss(routing.logits_TE),
+            routing,
+        )
