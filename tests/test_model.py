@@ -1,0 +1,189 @@
+"""The model against independent references: naive attention, a per-expert loop, hand-computed losses."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bam import BamConfig, BamForCausalLM
+from bam.moe import MoEFFN, load_balancing_loss, router_z_loss
+
+
+def tiny(**overrides) -> BamConfig:
+    fields = dict(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return BamConfig(**{**fields, **overrides})
+
+
+def model_for(config: BamConfig, seed: int = 0) -> BamForCausalLM:
+    torch.manual_seed(seed)
+    model = BamForCausalLM(config).eval()
+    with torch.no_grad():  # norms away from 1 and bigger routers, so every term matters
+        for name, param in model.named_parameters():
+            param.add_(torch.randn_like(param) * (0.5 if "router" in name else 0.05))
+    return model
+
+
+VARIANTS = {
+    "dense": {},
+    "btx": dict(n_ffn_experts=4, ffn_top_k=2),
+    "bam": dict(n_attn_experts=3, n_ffn_experts=3),
+    "bam-shared": dict(n_attn_experts=3, kv_shared=True, n_ffn_experts=3, ffn_top_k=2, ffn_renormalize=True),
+    "bam-seq-layernorm": dict(n_attn_experts=2, n_ffn_experts=2, block="sequential", norm="layernorm"),
+    "bam-topk-attn": dict(n_attn_experts=3, attn_routing="topk", attn_top_k=2, n_ffn_experts=3),
+}
+
+
+def naive_attention(attn, h_BTD, positions):
+    """sum_j g_j(t) * Attn_j(H)_t with one explicit causal softmax attention per expert."""
+    B, T, _ = h_BTD.shape
+    N, H, Hkv, Dh = attn.n_experts, attn.n_heads, attn.n_kv_heads, attn.head_dim
+    inv_freq = 1.0 / attn_theta ** (torch.arange(0, Dh, 2).float() / Dh)
+    angles = positions[:, None].float() * inv_freq
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+
+    def rope(x):  # x: (B, heads, T, Dh)
+        x1, x2 = x[..., : Dh // 2], x[..., Dh // 2:]
+        return x * cos + torch.cat([-x2, x1], -1) * sin
+
+    q_all = attn.q_proj(h_BTD).view(B, T, N, H, Dh)
+    k_all = attn.k_proj(h_BTD).view(B, T, -1, Hkv, Dh)
+    v_all = attn.v_proj(h_BTD).view(B, T, -1, Hkv, Dh)
+    gates = attn.gates(h_BTD) if attn.router is not None else torch.ones(B, T, 1)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    mixed = 0
+    for j in range(N):
+        kv = 0 if attn.kv_shared else j
+        q = rope(q_all[:, :, j].transpose(1, 2))
+        k = rope(k_all[:, :, kv].transpose(1, 2)).repeat_interleave(H // Hkv, dim=1)
+        v = v_all[:, :, kv].transpose(1, 2).repeat_interleave(H // Hkv, dim=1)
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(Dh)
+        out = scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v  # (B, H, T, Dh)
+        o_j = attn.o_proj.weight[:, j * H * Dh:(j + 1) * H * Dh]
+        mixed = mixed + gates[..., j:j + 1] * (out.transpose(1, 2).reshape(B, T, -1) @ o_j.T)
+    return mixed
+
+
+attn_theta = 10000.0
+
+
+@pytest.mark.parametrize("variant", ["dense", "bam", "bam-shared", "bam-topk-attn"])
+def test_mixture_of_attention_equals_naive_per_expert_attention(variant):
+    config = tiny(**VARIANTS[variant])
+    attn = model_for(config).model.layers[0].attn
+    h = torch.randn(2, 9, config.hidden_size)
+    positions = torch.arange(9)
+    from bam.model import rope_cos_sin
+
+    cos_sin = rope_cos_sin(positions.expand(2, 9), config.head_dim, config.rope_theta, h.dtype)
+    ours, _ = attn(h, cos_sin, None, None)
+    torch.testing.assert_close(ours, naive_attention(attn, h, positions), atol=1e-5, rtol=1e-5)
+
+
+def test_kv_sharing_equals_kv_experts_when_experts_share_kv():
+    experts = model_for(tiny(**VARIANTS["bam"]))
+    shared = BamForCausalLM(tiny(**{**VARIANTS["bam"], "kv_shared": True})).eval()
+    state = experts.state_dict()
+    for name, tensor in shared.state_dict().items():
+        if name.endswith(("k_proj.weight", "v_proj.weight")):
+            state[name] = state[name][: tensor.shape[0]]  # expert 0's K/V ...
+            full = state[name].repeat(3, 1)  # ... given to every expert of the KV-experts model
+            experts.state_dict()[name].copy_(full)
+    shared.load_state_dict(state)
+    ids = torch.randint(0, 61, (2, 11))
+    torch.testing.assert_close(shared(ids).logits, experts(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("top_k, renormalize", [(1, False), (2, True), (3, False)])
+def test_grouped_dispatch_equals_per_expert_loop(top_k, renormalize):
+    config = tiny(n_ffn_experts=4, ffn_top_k=top_k, ffn_renormalize=renormalize)
+    torch.manual_seed(0)
+    grouped = MoEFFN(config)
+    for p in grouped.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    loop = MoEFFN(tiny(n_ffn_experts=4, ffn_top_k=top_k, ffn_renormalize=renormalize, expert_dispatch="loop"))
+    loop.load_state_dict(grouped.state_dict())
+    h = torch.randn(3, 7, config.hidden_size)
+    outs = []
+    for ffn in (grouped, loop):
+        h_leaf = h.clone().requires_grad_()
+        out = ffn(h_leaf)
+        # .sum() gives a stride-0 gradient, which grouped_mm's backward must survive
+        (out.y_TD.sum() + out.load_balancing_loss + out.z_loss).backward()
+        outs.append((out.y_TD, h_leaf.grad, [p.grad for p in ffn.parameters()]))
+    (y_g, dh_g, dp_g), (y_l, dh_l, dp_l) = outs
+    torch.testing.assert_close(y_g, y_l, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dh_g, dh_l, atol=1e-5, rtol=1e-5)
+    for a, b in zip(dp_g, dp_l):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_moe_ffn_equals_explicit_gate_weighted_sum():
+    config = tiny(n_ffn_experts=3, ffn_top_k=2)
+    torch.manual_seed(1)
+    ffn = MoEFFN(config)
+    for p in ffn.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    h = torch.randn(5, config.hidden_size)
+    probs = F.softmax(h @ ffn.router.weight.T, dim=-1)
+    expected = torch.zeros_like(h)
+    for t in range(5):
+        for e in probs[t].topk(2).indices:  # BAM's rule: gate = p_e, not renormalized
+            gate, up = (ffn.experts.gate_up_proj[e] @ h[t]).chunk(2)
+            expected[t] += probs[t, e] * (ffn.experts.down_proj[e] @ (F.silu(gate) * up))
+    torch.testing.assert_close(ffn(h[None]).y_TD[0], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_auxiliary_losses_hand_computed():
+    # 4 tokens, 2 experts. probs rows: [.75,.25], [.75,.25], [.25,.75], [.5,.5] (top-1 picks 0,0,1,0)
+    logits = torch.log(torch.tensor([[3.0, 1.0], [3.0, 1.0], [1.0, 3.0], [1.0, 1.0]]))
+    probs = logits.softmax(-1)
+    index = probs.topk(1).indices
+    # f = [3/4, 1/4]; P = [(.75+.75+.25+.5)/4, (.25+.25+.75+.5)/4] = [.5625, .4375]
+    # L = 2 * (.75*.5625 + .25*.4375) = 1.0625
+    assert load_balancing_loss(probs, index).item() == pytest.approx(1.0625)
+    # logsumexp of each row: log 4, log 4, log 4, log 2
+    expected_z = (3 * math.log(4) ** 2 + math.log(2) ** 2) / 4
+    assert router_z_loss(logits).item() == pytest.approx(expected_z)
+
+
+def test_loss_adds_coefficient_weighted_aux_losses():
+    config = tiny(n_ffn_experts=3, router_aux_loss_coef=0.5, router_z_loss_coef=0.25)
+    model = model_for(config)
+    ids = torch.randint(0, 61, (2, 9))
+    out = model(ids, labels=ids)
+    lm = F.cross_entropy(out.logits[:, :-1].reshape(-1, 61), ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(out.lm_loss, lm)
+    torch.testing.assert_close(out.loss, lm + 0.5 * out.load_balancing_loss + 0.25 * out.z_loss)
+    assert model_for(tiny()).forward(ids, labels=ids).aux_loss is None
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_generation_with_kv_cache_equals_without(variant):
+    model = model_for(tiny(**VARIANTS[variant]))
+    prompt = torch.randint(0, 61, (2, 5), generator=torch.Generator().manual_seed(0))
+    kwargs = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
+    with_cache = model.generate(prompt, use_cache=True, **kwargs)
+    without = model.generate(prompt, use_cache=False, **kwargs)
+    assert with_cache.tolist() == without.tolist()
+
+
+@pytest.mark.parametrize("variant", ["dense", "bam", "bam-shared"])
+def test_cache_holds_one_kv_per_kv_expert(variant):
+    config = tiny(**VARIANTS[variant])
+    out = model_for(config)(torch.randint(0, 61, (1, 6)), use_cache=True)
+    keys = out.past_key_values.layers[0].keys
+    assert keys.shape == (1, config.n_kv_experts * config.num_key_value_heads, 6, config.head_dim)
+
+
+def test_left_padded_batch_matches_unpadded_rows():
+    model = model_for(tiny(**VARIANTS["bam-shared"]))
+    short, long = torch.randint(1, 61, (1, 4)), torch.randint(1, 61, (1, 7))
+    batch = torch.cat([torch.cat([torch.zeros(1, 3, dtype=torch.long), short], 1), long])
+    mask = torch.ones_like(batch)
+    mask[0, :3] = 0
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(batch, attention_mask=mask, position_ids=position_ids).logits
+    torch.testing.assert_close(logits[0, 3:], model(short).logits[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits[1], model(long).logits[0], atol=1e-5, rtol=1e-5)
