@@ -1,0 +1,196 @@
+"""The study's report: report.json for scripts, report.md for people, PNG plots for both.
+
+Input is one `results` dict built by the pipeline (bam/pipeline.py):
+  results["models"][name] = {"group": "dense"|"expert"|"moe", "method", "setting": "DM"|"CM"|None,
+                             "perplexity": {domain: {"mean", "std", "per_seed"}}, "avg_ppl": {...},
+                             "cost": {...}, "metrics": path of its training metrics.jsonl or None,
+                             "routing": {"ffn": [layer][domain][expert], "attn": [layer][domain][expert]}}
+  results["domains"], results["corpus"], results["seeds"], results["ordering"], results["notes"]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return f"{value:.{digits}f}"
+
+
+def _ppl_cell(stat: dict) -> str:
+    if stat.get("std") and len(stat.get("per_seed", [])) > 1:
+        return f"{_fmt(stat['mean'])} ± {_fmt(stat['std'])}"
+    return _fmt(stat["mean"])
+
+
+def _human(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def perplexity_table(results: dict) -> str:
+    domains = results["domains"]
+    lines = ["| model | " + " | ".join(domains) + " | avg |",
+             "|---|" + "---|" * (len(domains) + 1)]
+    for name, model in results["models"].items():
+        cells = [_ppl_cell(model["perplexity"][d]) for d in domains]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {_ppl_cell(model['avg_ppl'])} |")
+    return "\n".join(lines)
+
+
+def cost_table(results: dict) -> str:
+    lines = ["| model | params total | params active | FLOPs/token (n_ctx) | KV-cache bytes/token | train tokens/s |",
+             "|---|---|---|---|---|---|"]
+    for name, model in results["models"].items():
+        cost = model.get("cost") or {}
+        if not cost:
+            continue
+        tps = cost.get("train_tokens_per_s")
+        lines.append(f"| {name} | {_human(cost['params_total'])} | {_human(cost['params_active'])} | "
+                     f"{_human(cost['flops_per_token'])} | {cost['kv_cache_bytes_per_token']:,} | "
+                     f"{_fmt(tps, 0) if tps else '—'} |")
+    return "\n".join(lines)
+
+
+def corpus_table(results: dict) -> str:
+    lines = ["| domain | documents (train/val/test) | tokens (train/val/test) | found in |", "|---|---|---|---|"]
+    for name, info in results["corpus"].items():
+        docs, toks = info["documents"], info["tokens"]
+        lines.append(f"| {name} | {docs['train']}/{docs['validation']}/{docs['test']} | "
+                     f"{toks['train']:,}/{toks['validation']:,}/{toks['test']:,} | {'; '.join(info['sources'])} |")
+    return "\n".join(lines)
+
+
+def plot_loss_curves(results: dict, out: Path) -> Path | None:
+    runs = {name: m["metrics"] for name, m in results["models"].items() if m.get("metrics")}
+    runs.update(results.get("extra_metrics", {}))
+    if not runs:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, path in runs.items():
+        steps, losses = [], []
+        for line in Path(path).read_text().splitlines():
+            row = json.loads(line)
+            if "lm_loss" in row and row.get("lm_loss") is not None:
+                steps.append(row["step"])
+                losses.append(row["lm_loss"])
+        if steps:
+            ax.plot(steps, losses, label=name, linewidth=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training LM loss (nats/token)")
+    ax.set_title("Training loss")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    path = out / "loss_curves.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _mean_ppl(model: dict, domain: str) -> float:
+    return model["avg_ppl"]["mean"] if domain == "avg" else model["perplexity"][domain]["mean"]
+
+
+def plot_perplexity(results: dict, out: Path) -> Path:
+    domains, names = results["domains"] + ["avg"], list(results["models"])
+    fig, ax = plt.subplots(figsize=(max(8, len(names) * 0.9), 5))
+    width = 0.8 / len(domains)
+    for i, domain in enumerate(domains):
+        values = [_mean_ppl(results["models"][n], domain) for n in names]
+        ax.bar([x + i * width for x in range(len(names))], values, width, label=domain)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(names))], names, rotation=35, ha="right", fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("held-out perplexity (log scale, lower is better)")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    path = out / "perplexity.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_routing(results: dict, out: Path) -> list[Path]:
+    """Per MoE: share of each domain's tokens sent to each FFN expert, and mean attention gate."""
+    paths = []
+    domains = results["domains"]
+    for name, model in results["models"].items():
+        routing = model.get("routing")
+        if not routing:
+            continue
+        panels = [(kind, routing[kind]) for kind in ("ffn", "attn") if routing.get(kind)]
+        n_layers = len(panels[0][1])
+        fig, axes = plt.subplots(len(panels), n_layers, figsize=(2.6 * n_layers + 1, 2.6 * len(panels)),
+                                 squeeze=False)
+        experts = model.get("expert_names") or [str(e) for e in range(len(panels[0][1][0][0]))]
+        for row, (kind, layers) in enumerate(panels):
+            for layer, matrix in enumerate(layers):
+                ax = axes[row][layer]
+                ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
+                for i, values in enumerate(matrix):
+                    for j, v in enumerate(values):
+                        ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6,
+                                color="white" if v < 0.6 else "black")
+                ax.set_xticks(range(len(experts)), experts, rotation=45, fontsize=6)
+                ax.set_yticks(range(len(domains)), domains if layer == 0 else [], fontsize=7)
+                label = "FFN token share" if kind == "ffn" else "attention gate"
+                ax.set_title(f"L{layer} {label}", fontsize=7)
+        fig.suptitle(f"Routing of {name}: rows = domain of the text, columns = expert", fontsize=9)
+        fig.tight_layout()
+        path = out / f"routing_{name.replace(' ', '_').replace('(', '').replace(')', '')}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def plot_cost(results: dict, out: Path) -> Path | None:
+    rows = [(n, m["cost"]) for n, m in results["models"].items() if m.get("cost") and m["group"] == "moe"]
+    if not rows:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    names = [n for n, _ in rows]
+    axes[0].bar(names, [c["flops_per_token"] / 1e6 for _, c in rows])
+    axes[0].set_ylabel("inference MFLOPs per token")
+    axes[1].bar(names, [c["kv_cache_bytes_per_token"] for _, c in rows])
+    axes[1].set_ylabel("KV-cache bytes per token")
+    for ax in axes:
+        ax.tick_params(axis="x", rotation=35, labelsize=7)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path = out / "cost.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(results: dict, out: Path) -> None:
+    """Write report.json, report.md and the plots into `out` (which the caller made atomic)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(results, indent=2, default=str))
+    plots = [plot_perplexity(results, out), plot_loss_curves(results, out), plot_cost(results, out),
+             *plot_routing(results, out)]
+    ordering = results.get("ordering", {})
+    md = [f"# Branch-Attend-Mix study ({results.get('title', 'bam')})", ""]
+    md += [results.get("summary", ""), ""]
+    md += ["## Held-out perplexity (test split, lower is better)", "", perplexity_table(results), ""]
+    for line in ordering.get("lines", []):
+        md.append(f"- {line}")
+    md += ["", "## Cost", "", cost_table(results), "",
+           "## Corpus", "", corpus_table(results), ""]
+    if results.get("notes"):
+        md += ["## Notes", ""] + [f"- {n}" for n in results["notes"]] + [""]
+    md += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots if p is not None]
+    (out / "report.md").write_text("\n".join(md) + "\n")

@@ -1,0 +1,526 @@
+"""Data pipeline on real text from this machine: sources, cached shards, mixture sampling, eval windows."""
+
+import json
+import sys
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import bam.data as data
+from bam.data import (
+    Domain,
+    DomainSpec,
+    MixtureSampler,
+    TokenizedDomain,
+    iter_eval_batches,
+    parse_domain_spec,
+    prepare_domain,
+)
+from bam.errors import BamError
+from bam.tokenizer import load_tokenizer, train_tokenizer
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_docs(*patterns: str, max_file_bytes: int = 12_000) -> list[str]:
+    """The standard library's small .py files matching `patterns`, in a fixed (sorted) order."""
+    docs = []
+    for pattern in patterns:
+        for path in sorted(STDLIB.glob(pattern)):
+            if path.stat().st_size <= max_file_bytes:
+                text = path.read_text(encoding="utf-8")
+                if text.strip():
+                    docs.append(text)
+    return docs
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tok") / "tokenizer"
+    train_tokenizer(stdlib_docs("*.py", max_file_bytes=20_000)[:60], vocab_size=512, out_dir=out)
+    return load_tokenizer(out)
+
+
+@pytest.fixture(scope="module")
+def code_docs():
+    return stdlib_docs("*.py")  # ~70 documents, ~450 KB
+
+
+@pytest.fixture(scope="module")
+def other_docs():
+    return stdlib_docs("asyncio/*.py", "email/*.py")  # ~30 documents, ~150 KB
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def code(code_docs, tokenizer, cache):
+    return prepare_domain(Domain.from_documents("code", code_docs), tokenizer, cache, val_fraction=0.15, test_fraction=0.1)
+
+
+@pytest.fixture(scope="module")
+def other(other_docs, tokenizer, cache):
+    return prepare_domain(Domain.from_documents("other", other_docs), tokenizer, cache, val_fraction=0.15)
+
+
+def encode(tokenizer, text: str) -> tuple[int, ...]:
+    return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def documents_of(domain: TokenizedDomain, split: str) -> list[tuple[int, ...]]:
+    """Cut a split's flat array at EOS back into per-document token tuples."""
+    tokens = np.asarray(domain.tokens(split)).tolist()
+    docs, current = [], []
+    for t in tokens:
+        if t == domain.eos_id:
+            docs.append(tuple(current))
+            current = []
+        else:
+            current.append(t)
+    assert current == []  # every document ends with EOS
+    return docs
+
+
+# ----------------------------------------------------------------------------------------------------
+# Domain specs
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("code=data/code", DomainSpec("code", "data/code", 1.0, None)),
+        ("code=data/code.txt:0.25", DomainSpec("code", "data/code.txt", 0.25, None)),
+        ("web=data/*.jsonl#content:2", DomainSpec("web", "data/*.jsonl", 2.0, "content")),
+        ("wiki=hf:org/wiki:train", DomainSpec("wiki", "hf:org/wiki:train", 1.0, None)),
+        ("wiki=hf:org/wiki:validation:3", DomainSpec("wiki", "hf:org/wiki:validation", 3.0, None)),
+        ("m.ath_1=/abs/x.parquet#body", DomainSpec("m.ath_1", "/abs/x.parquet", 1.0, "body")),
+    ],
+)
+def test_parse_domain_spec(spec, expected):
+    assert parse_domain_spec(spec) == expected
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("data/code", "expected NAME=PATH"),
+        ("code=", "expected NAME=PATH"),
+        ("=data", "domain name"),
+        ("my code=data", "domain name"),
+        ("code=data:0", "weight must be a positive number"),
+        ("code=data:-1", "weight must be a positive number"),
+        ("code=data:nan", "weight must be a positive number"),
+    ],
+)
+def test_parse_domain_spec_errors(spec, message):
+    with pytest.raises(BamError, match=message):
+        parse_domain_spec(spec)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sources
+
+
+def test_directory_reads_text_files_recursively(tmp_path):
+    (tmp_path / "sub" / "deeper").mkdir(parents=True)
+    (tmp_path / ".git").mkdir()
+    (tmp_path / "a.txt").write_text("alpha")
+    (tmp_path / "README").write_text("no suffix")
+    (tmp_path / "sub" / "b.md").write_text("beta")
+    (tmp_path / "sub" / "deeper" / "c.py").write_text("gamma = 1")
+    (tmp_path / "sub" / "d.rst").write_text("\ufeffdelta")  # the byte-order mark is dropped
+    (tmp_path / "sub" / "skip.bin").write_bytes(b"\xff\xfe")  # not a text suffix: ignored
+    (tmp_path / ".git" / "HEAD").write_text("hidden")
+    (tmp_path / "empty.txt").write_text("  \n")  # whitespace only: not a document
+    docs = list(Domain.from_spec(f"d={tmp_path}").documents())
+    assert docs == ["no suffix", "alpha", "beta", "delta", "gamma = 1"]
+
+
+def test_glob_and_single_file(tmp_path):
+    for i in range(3):
+        (tmp_path / f"part{i}.txt").write_text(f"document {i}")
+    (tmp_path / "notes.md").write_text("not matched")
+    assert list(Domain.from_spec(f"d={tmp_path}/part*.txt").documents()) == [f"document {i}" for i in range(3)]
+    assert list(Domain.from_spec(f"d={tmp_path / 'notes.md'}:0.5").documents()) == ["not matched"]
+
+
+def test_jsonl_default_and_selected_field(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    rows = [{"text": "first", "body": "uno"}, {"text": "sécond ☃", "body": "dos"}, {"text": None, "body": "tres"}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    assert list(Domain.from_spec(f"d={path}").documents()) == ["first", "sécond ☃"]
+    assert list(Domain.from_spec(f"d={path}#body").documents()) == ["uno", "dos", "tres"]
+
+
+def test_jsonl_missing_field_names_file_line_and_field(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text('{"text": "ok"}\n\n{"content": "no text field"}\n')
+    with pytest.raises(BamError) as err:
+        list(Domain.from_spec(f"d={path}").documents())
+    assert f"{path}:3" in str(err.value) and "'text'" in str(err.value)
+
+    path.write_text('{"text": "ok"}\n{"text": 5}\n')
+    with pytest.raises(BamError, match=r":2: field 'text' is int"):
+        list(Domain.from_spec(f"d={path}").documents())
+    path.write_text('{"text": "ok"}\n{"text": \n')
+    with pytest.raises(BamError, match=r":2: invalid JSON"):
+        list(Domain.from_spec(f"d={path}").documents())
+
+
+def test_non_utf8_file_is_named(tmp_path, tokenizer):
+    (tmp_path / "good.txt").write_text("fine text")
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("café crème".encode("latin-1"))
+    with pytest.raises(BamError, match=f"{bad}: not UTF-8"):
+        prepare_domain(f"d={tmp_path}", tokenizer, tmp_path / "cache")
+    assert not (tmp_path / "cache").exists() or list((tmp_path / "cache").iterdir()) == []
+
+
+def test_empty_input_names_domain_and_path(tmp_path, tokenizer):
+    (tmp_path / "blank.txt").write_text("\n\n   \n")
+    with pytest.raises(BamError) as err:
+        prepare_domain(f"blanks={tmp_path}", tokenizer, tmp_path / "cache")
+    assert "'blanks'" in str(err.value) and str(tmp_path) in str(err.value)
+    with pytest.raises(BamError, match="'none': no documents"):
+        prepare_domain(Domain.from_documents("none", []), tokenizer, tmp_path / "cache")
+
+
+def test_missing_path_and_empty_glob(tmp_path):
+    with pytest.raises(BamError, match=f"'d': {tmp_path}/nope does not exist"):
+        Domain.from_spec(f"d={tmp_path}/nope")
+    with pytest.raises(BamError, match="matches no files"):
+        Domain.from_spec(f"d={tmp_path}/*.jsonl")
+
+
+def test_field_on_plain_text_is_rejected(tmp_path):
+    (tmp_path / "a.txt").write_text("text")
+    with pytest.raises(BamError, match="#body selects a field"):
+        Domain.from_spec(f"d={tmp_path / 'a.txt'}#body")
+
+
+def test_optional_dependencies_missing(tmp_path, monkeypatch):
+    # sys.modules[name] = None makes `import name` raise ImportError, as if it were not installed.
+    for name in ("pyarrow", "pyarrow.parquet", "datasets"):
+        monkeypatch.setitem(sys.modules, name, None)
+    parquet = tmp_path / "x.parquet"
+    parquet.write_bytes(b"PAR1")
+    with pytest.raises(BamError, match=r"x.parquet: reading it needs pyarrow; pip install bam\[data\]"):
+        list(Domain.from_spec(f"d={parquet}").documents())
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    (saved / "dataset_dict.json").write_text('{"splits": ["train"]}')
+    with pytest.raises(BamError, match=r"needs datasets; pip install bam\[data\]"):
+        list(Domain.from_spec(f"d={saved}").documents())
+    with pytest.raises(BamError, match=r"hf:org/set: reading it needs datasets"):
+        list(Domain.from_spec("d=hf:org/set:train").documents())
+
+
+def test_parquet_source(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    path = tmp_path / "docs.parquet"
+    pq.write_table(pa.table({"text": ["one", None, "three"], "body": ["a", "b", "c"]}), path)
+    assert list(Domain.from_spec(f"d={path}").documents()) == ["one", "three"]
+    assert list(Domain.from_spec(f"d={path}#body").documents()) == ["a", "b", "c"]
+    with pytest.raises(BamError, match=r"no column 'nope' \(columns: text, body"):
+        list(Domain.from_spec(f"d={path}#nope").documents())
+
+
+def test_saved_dataset_source(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    splits = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict({"text": ["t1", "t2"]}),
+            "validation": datasets.Dataset.from_dict({"text": ["v1"]}),
+        }
+    )
+    splits.save_to_disk(str(tmp_path / "dict"))
+    splits["validation"].save_to_disk(str(tmp_path / "single"))
+    assert list(Domain.from_spec(f"d={tmp_path / 'dict'}").documents()) == ["t1", "t2"]
+    assert list(Domain.from_spec(f"d={tmp_path / 'dict' / 'validation'}").documents()) == ["v1"]
+    assert list(Domain.from_spec(f"d={tmp_path / 'single'}").documents()) == ["v1"]
+    with pytest.raises(BamError, match="no column 'body'"):
+        list(Domain.from_spec(f"d={tmp_path / 'single'}#body").documents())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tokenized shards
+
+
+def test_shards_hold_every_document_once_followed_by_eos(code, code_docs, tokenizer):
+    assert code.dtype == np.uint16 and code.eos_id == tokenizer.eos_token_id
+    expected = sorted(encode(tokenizer, d) for d in code_docs)
+    got = {split: documents_of(code, split) for split in data.SPLITS}
+    assert sorted(got["train"] + got["validation"] + got["test"]) == expected
+    for split in data.SPLITS:
+        stats = code.splits[split]
+        assert stats.documents == len(got[split])
+        assert stats.tokens == len(code.tokens(split)) == sum(len(d) + 1 for d in got[split])
+    assert sum(s.bytes for s in code.splits.values()) == sum(len(d.encode("utf-8")) for d in code_docs)
+    meta = json.loads((code.path / "meta.json").read_text())
+    assert meta["dtype"] == "uint16" and meta["splits"]["train"]["documents"] == code.splits["train"].documents
+
+
+def test_splits_are_disjoint_by_document(code):
+    train = set(documents_of(code, "train"))
+    validation = set(documents_of(code, "validation"))
+    test = set(documents_of(code, "test"))
+    assert validation and test and len(train) > len(validation)  # fractions 0.15 / 0.1 of ~70 documents
+    assert not train & validation and not train & test and not validation & test
+
+
+def test_adding_documents_keeps_existing_assignments(code, code_docs, tokenizer, cache):
+    more = prepare_domain(
+        Domain.from_documents("code", code_docs + stdlib_docs("importlib/*.py", "json/*.py")),
+        tokenizer,
+        cache,
+        val_fraction=0.15,
+        test_fraction=0.1,
+    )
+    assert more.path != code.path
+    for split in data.SPLITS:
+        assert set(documents_of(code, split)) <= set(documents_of(more, split))
+
+
+def test_literal_special_token_in_text_is_not_a_boundary(tokenizer, tmp_path):
+    doc = 'EOS = "<|endoftext|>"  # marks the end of a document\n'
+    domain = prepare_domain(Domain.from_documents("lit", [doc]), tokenizer, tmp_path, val_fraction=0.0)
+    tokens = np.asarray(domain.tokens("train"))
+    assert (tokens == domain.eos_id).sum() == 1 and tokens[-1] == domain.eos_id
+    assert tokenizer.decode(tokens[:-1].tolist()) == doc
+
+
+def test_cache_hit_does_not_retokenize(code_docs, tokenizer, tmp_path, monkeypatch):
+    calls = []
+    make_encoder = data._make_encoder
+
+    def counting(tok):
+        encode_batch = make_encoder(tok)
+
+        def counted(texts):
+            calls.append(len(texts))
+            return encode_batch(texts)
+
+        return counted
+
+    monkeypatch.setattr(data, "_make_encoder", counting)
+    first = prepare_domain(Domain.from_documents("code", code_docs), tokenizer, tmp_path)
+    assert calls
+    mtimes = {p.name: p.stat().st_mtime_ns for p in first.path.iterdir()}
+    calls.clear()
+
+    second = prepare_domain(Domain.from_documents("code", code_docs), tokenizer, tmp_path)
+    assert calls == []
+    assert second.path == first.path
+    assert {p.name: p.stat().st_mtime_ns for p in second.path.iterdir()} == mtimes
+    assert [p.name for p in tmp_path.iterdir()] == [first.path.name]  # no temporary directories left
+
+    # Any input that changes the tokens or the split makes a new entry.
+    prepare_domain(Domain.from_documents("code", code_docs), tokenizer, tmp_path, seed=1)
+    prepare_domain(Domain.from_documents("code", code_docs[1:]), tokenizer, tmp_path)
+    prepare_domain(Domain.from_documents("code", code_docs), tokenizer, tmp_path, val_fraction=0.2)
+    assert len(list(tmp_path.iterdir())) == 4
+
+
+def test_interrupted_tokenization_leaves_no_entry(code_docs, tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "BATCH_DOCS", 4)
+    make_encoder = data._make_encoder
+
+    def interrupted(tok):
+        encode_batch = make_encoder(tok)
+        batches = []
+
+        def encode(texts):
+            batches.append(texts)
+            if len(batches) == 3:  # some shards are partly written by now
+                raise KeyboardInterrupt
+            return encode_batch(texts)
+
+        return encode
+
+    monkeypatch.setattr(data, "_make_encoder", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_domain(Domain.from_documents("code", code_docs), tokenizer, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_corrupt_cache_entry_is_reported(code_docs, tokenizer, tmp_path):
+    domain = prepare_domain(Domain.from_documents("code", code_docs), tokenizer, tmp_path)
+    with open(domain.path / "train.bin", "r+b") as fh:
+        fh.truncate(10)
+    with pytest.raises(BamError, match="train.bin: 10 bytes, meta.json says"):
+        prepare_domain(Domain.from_documents("code", code_docs), tokenizer, tmp_path)
+
+
+def test_prepare_from_spec_string_and_tokenizer_path(tmp_path, tokenizer):
+    (tmp_path / "src").mkdir()
+    for path in sorted(STDLIB.glob("[a-c]*.py"))[:5]:
+        (tmp_path / "src" / path.name).write_text(path.read_text(encoding="utf-8"))
+    tokenizer.save_pretrained(tmp_path / "tok")
+    domain = prepare_domain(f"src={tmp_path / 'src'}:0.5", tmp_path / "tok", tmp_path / "cache", val_fraction=0.0)
+    assert domain.name == "src" and domain.splits["train"].documents == 5
+    assert TokenizedDomain.load(domain.path).splits == domain.splits
+    # The same tokenizer, loaded again and with a truncation left switched on, is the same cache key.
+    reloaded = load_tokenizer(tmp_path / "tok")
+    reloaded.backend_tokenizer.enable_truncation(max_length=8)
+    again = prepare_domain(f"src={tmp_path / 'src'}", reloaded, tmp_path / "cache", val_fraction=0.0)
+    assert again.path == domain.path
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+
+
+def test_truncation_on_the_callers_tokenizer_does_not_cut_documents(tokenizer, tmp_path):
+    doc = stdlib_docs("*.py")[0]
+    truncating = load_tokenizer(tokenizer.name_or_path)
+    truncating.backend_tokenizer.enable_truncation(max_length=8)
+    domain = prepare_domain(Domain.from_documents("long", [doc]), truncating, tmp_path, val_fraction=0.0)
+    assert domain.splits["train"].tokens == len(encode(tokenizer, doc)) + 1 > 9
+
+
+def test_atomic_directory(tmp_path):
+    final = tmp_path / "entry"
+    with data.atomic_directory(final, replace=False) as tmp:
+        (tmp / "a").write_text("first")
+    with data.atomic_directory(final, replace=False) as tmp:  # an identical entry already won the race
+        (tmp / "a").write_text("second")
+    assert (final / "a").read_text() == "first"
+    with data.atomic_directory(final, replace=True) as tmp:
+        (tmp / "b").write_text("replacement")
+    assert [p.name for p in final.iterdir()] == ["b"]
+    with pytest.raises(RuntimeError):
+        with data.atomic_directory(final, replace=True) as tmp:
+            (tmp / "c").write_text("half written")
+            raise RuntimeError("interrupted")
+    assert [p.name for p in tmp_path.iterdir()] == ["entry"] and [p.name for p in final.iterdir()] == ["b"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Mixture sampling
+
+
+def test_batches_are_deterministic_and_seeded(code, other):
+    a = MixtureSampler([code, other], [1, 1], seq_len=32, batch_size=8, seed=0)
+    b = MixtureSampler([code, other], [1, 1], seq_len=32, batch_size=8, seed=0)
+    c = MixtureSampler([code, other], [1, 1], seq_len=32, batch_size=8, seed=1)
+    x = a.batch(7)
+    assert x.shape == (8, 33) and x.dtype == torch.long
+    assert torch.equal(x, b.batch(7))
+    assert not torch.equal(x, c.batch(7))
+    assert not torch.equal(x, a.batch(8))
+
+
+def test_batch_depends_only_on_step(code, other):
+    fresh = MixtureSampler([code, other], [0.5, 0.5], seq_len=16, batch_size=4, seed=3)
+    used = MixtureSampler([code, other], [0.5, 0.5], seq_len=16, batch_size=4, seed=3)
+    for step in range(10):
+        used.batch(step)
+    assert torch.equal(fresh.batch(10), used.batch(10))  # as a resumed run would ask for it
+    assert torch.equal(used.batch(3), fresh.batch(3))
+
+
+def test_ranks_reassemble_the_global_batch(code, other):
+    sampler = MixtureSampler([code, other], [2, 1], seq_len=16, batch_size=12, seed=5)
+    whole = sampler.batch(4)
+    for world in (2, 3, 4):
+        parts = [sampler.batch(4, rank=r, world_size=world) for r in range(world)]
+        rebuilt = torch.empty_like(whole)
+        for r, part in enumerate(parts):
+            assert part.shape == (12 // world, 17)
+            rebuilt[r::world] = part
+        assert torch.equal(rebuilt, whole)
+    with pytest.raises(BamError, match="not divisible by world_size 5"):
+        sampler.batch(0, rank=0, world_size=5)
+    with pytest.raises(BamError, match="rank"):
+        sampler.batch(0, rank=2, world_size=2)
+
+
+def test_mixture_weights_are_respected(code, other):
+    sampler = MixtureSampler([code, other], [0.8, 0.2], seq_len=16, batch_size=1000, seed=0)
+    domains = sampler.row_domains(0)
+    assert abs((domains == 0).mean() - 0.8) < 0.04
+    # Each row really is a window of the train split of the domain it was drawn from.
+    rows = sampler.batch(0).numpy()
+    windows = [np.lib.stride_tricks.sliding_window_view(np.asarray(d.tokens("train")), 17) for d in (code, other)]
+    for i in range(0, 1000, 25):
+        assert (windows[domains[i]] == rows[i]).all(axis=1).any()
+        assert not (windows[1 - domains[i]] == rows[i]).all(axis=1).any()
+
+
+def test_zero_weight_domain_is_never_drawn(code, other):
+    sampler = MixtureSampler([code, other], [1, 0], seq_len=16, batch_size=64, seed=0)
+    assert (sampler.row_domains(2) == 0).all()
+
+
+def test_too_short_domain_is_named(code, tokenizer, tmp_path):
+    tiny = prepare_domain(Domain.from_documents("tiny", ["x = 1\n"]), tokenizer, tmp_path, val_fraction=0.0)
+    with pytest.raises(BamError, match=r"domain 'tiny': train split has \d+ tokens, fewer than seq_len \+ 1 = 65"):
+        MixtureSampler([code, tiny], [1, 1], seq_len=64, batch_size=2, seed=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(weights=[1]), "one per domain"),
+        (dict(weights=[1, -1]), "non-negative"),
+        (dict(weights=[0, 0]), "positive sum"),
+        (dict(seq_len=0), "seq_len"),
+        (dict(batch_size=0), "batch_size"),
+        (dict(seed=-1), "seed"),
+    ],
+)
+def test_sampler_arguments_are_validated(code, other, kwargs, message):
+    args = dict(weights=[1, 1], seq_len=8, batch_size=2, seed=0) | kwargs
+    with pytest.raises(BamError, match=message):
+        MixtureSampler([code, other], **args)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation windows
+
+
+@pytest.mark.parametrize("split, seq_len, batch_size", [("validation", 64, 5), ("test", 100, 3), ("validation", 7, 64)])
+def test_eval_windows_predict_every_token_once(code, split, seq_len, batch_size):
+    evals = iter_eval_batches(code, split, seq_len=seq_len, batch_size=batch_size)
+    tokens = np.asarray(code.tokens(split))
+    assert evals.n_targets == len(tokens)
+    assert evals.n_bytes == code.splits[split].bytes
+
+    inputs, targets, n_batches = [], [], 0
+    for x, mask in evals:
+        n_batches += 1
+        assert x.shape[1] == seq_len + 1 and mask.shape == (x.shape[0], seq_len)
+        assert x.shape[0] <= batch_size
+        inputs.append(x[:, :-1][mask])
+        targets.append(x[:, 1:][mask])
+    assert n_batches == len(evals)
+    targets = torch.cat(targets).numpy()
+    inputs = torch.cat(inputs).numpy()
+    np.testing.assert_array_equal(targets, tokens)  # each token predicted exactly once, in order
+    np.testing.assert_array_equal(inputs[1:], tokens[:-1])  # from its true predecessor
+    assert inputs[0] == code.eos_id  # the first token's context is a document boundary
+
+
+def test_eval_prefix_and_metrics(code):
+    evals = iter_eval_batches(code, "validation", seq_len=32, batch_size=4, max_tokens=100)
+    assert evals.n_targets == 100 and len(evals) == 1
+    masks = [mask for _, mask in evals]
+    assert sum(int(m.sum()) for m in masks) == 100
+    assert masks[-1][-1].tolist() == [True] * 4 + [False] * 28
+    expected_bytes = code.splits["validation"].bytes * 100 / code.splits["validation"].tokens
+    assert evals.n_bytes == pytest.approx(expected_bytes)
+    nll = 100 * np.log(2.0)  # one bit per token
+    assert evals.perplexity(nll) == pytest.approx(2.0)
+    assert evals.bits_per_byte(nll) == pytest.approx(100 / expected_bytes)
+
+
+def test_eval_on_empty_split_is_an_error(other):
+    assert other.splits["test"].tokens == 0
+    with pytest.raises(BamError, match="domain 'other': test split is empty"):
+        iter_eval_batches(other, "test", seq_len=16, batch_size=2)
+    with pytest.raises(BamError, match="unknown split 'dev'"):
+        iter_eval_batches(other, "dev", seq_len=16, batch_size=2)
