@@ -532,6 +532,11 @@ class _SplitSettings:
         return "train"
 
 
+def document_split(text: str, val_fraction: float, test_fraction: float, seed: int = 0) -> str:
+    """The split ("train", "validation" or "test") `prepare_domain` assigns to this document."""
+    return _SplitSettings(val_fraction, test_fraction, seed).split_of(text.encode("utf-8"))
+
+
 @dataclass(frozen=True)
 class _Census:
     content_sha: str
