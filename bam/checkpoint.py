@@ -65,25 +65,23 @@ class SafetensorsFiles:
             found = ", ".join(sorted(p.name for p in directory.glob("*.bin"))) or "no weight files"
             raise BamError(f"{directory}: no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} "
                            f"(found {found}; only safetensors weights are loaded, never pickles)")
-        self._handles: dict[Path, object] = {}
 
     def names(self) -> list[str]:
         return list(self.file_of)
 
     def get(self, name: str) -> torch.Tensor:
+        # A fresh handle per tensor: a long-lived memory map would keep every page read so far
+        # resident, and peak RSS would grow with the inputs' size instead of one tensor's.
         path = self.file_of[name]
-        if path not in self._handles:
-            self._handles[path] = _safe_open(path)
         try:
-            return self._handles[path].get_tensor(name)
+            with safe_open(str(path), framework="pt") as f:
+                return f.get_tensor(name)
         except (SafetensorError, RuntimeError, OSError) as err:
             raise BamError(f"{path}: tensor {name} could not be read ({err}); the file is corrupt or truncated")
 
     def shape(self, name: str) -> tuple[int, ...]:
-        path = self.file_of[name]
-        if path not in self._handles:
-            self._handles[path] = _safe_open(path)
-        return tuple(self._handles[path].get_slice(name).get_shape())
+        with _safe_open(self.file_of[name]) as f:
+            return tuple(f.get_slice(name).get_shape())
 
 
 def _safe_open(path: Path):
@@ -191,6 +189,9 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
         raise BamError(f"{out}: output already exists (choose another path or pass --overwrite)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private (0700); the result is an ordinary directory
     try:
         yield tmp
         _fsync_tree(tmp)
@@ -259,9 +260,10 @@ class StreamingSafetensorsWriter:
         if name != expected_name or tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
             raise RuntimeError(f"writer expected {expected_name} {dtype} {tuple(shape)}, "
                                f"got {name} {tensor.dtype} {tuple(tensor.shape)}")
-        self.file.write(tensor.detach().contiguous().cpu().numpy().tobytes()
-                        if tensor.dtype != torch.bfloat16
-                        else tensor.detach().contiguous().cpu().view(torch.int16).numpy().tobytes())
+        tensor = tensor.detach().contiguous().cpu()
+        if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16; the bytes are what matter
+            tensor = tensor.view(torch.int16)
+        self.file.write(tensor.numpy().data)  # the buffer itself, no copy
 
     def close(self) -> None:
         self.file.close()

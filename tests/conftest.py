@@ -1,0 +1,41 @@
+"""Shared fixtures: small configs and random models, built in code (no downloads, no files)."""
+
+import pytest
+import torch
+
+from bam.config import BamConfig
+
+TINY_SHAPE = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+
+
+@pytest.fixture
+def tiny_config():
+    """Factory: a small BamConfig (2 layers, d 64, 4 query / 2 KV heads) with keyword overrides."""
+
+    def make(**overrides) -> BamConfig:
+        return BamConfig(**{**TINY_SHAPE, **overrides})
+
+    return make
+
+
+@pytest.fixture
+def random_model():
+    """Factory: a BamForCausalLM in eval mode whose every parameter is random and seeded.
+
+    Weights are drawn with std 0.1 (not the 0.02 init) and norm weights around 1, so attention,
+    FFN and norms all move the logits visibly and a wrong tensor cannot hide below a tolerance.
+    """
+
+    def make(config: BamConfig, seed: int = 0):
+        from bam.model import BamForCausalLM
+
+        generator = torch.Generator().manual_seed(seed)
+        model = BamForCausalLM(config).eval()
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                noise = torch.randn(param.shape, generator=generator)
+                param.copy_(1 + 0.1 * noise if "norm" in name else 0.1 * noise)
+        return model
+
+    return make
