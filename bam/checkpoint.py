@@ -178,14 +178,17 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
 
 
 @contextlib.contextmanager
-def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+def atomic_output_dir(out: str | Path, overwrite: bool = False, keep_existing: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside `out`; it becomes `out` only if the block succeeds.
 
-    On any error (or KeyboardInterrupt) the temporary directory is removed and `out`, if it
-    existed, is left as it was. With overwrite, an existing `out` is swapped out by renames.
+    A reader sees no directory or a complete one, never a half-written one. On any error (or
+    KeyboardInterrupt) the temporary directory is removed and an existing `out` is left as it was.
+    If `out` exists: an error by default; `overwrite` swaps it out by renames; `keep_existing`
+    keeps it and discards the new one (content-addressed caches, where two processes racing to
+    build one entry build identical ones).
     """
     out = Path(out)
-    if out.exists() and not overwrite:
+    if out.exists() and not (overwrite or keep_existing):
         raise BamError(f"{out}: output already exists (choose another path or pass --overwrite)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -195,17 +198,28 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
     try:
         yield tmp
         _fsync_tree(tmp)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        _publish(tmp, out, keep_existing)
         _fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _publish(tmp: Path, out: Path, keep_existing: bool) -> None:
+    try:
+        os.rename(tmp, out)  # atomic; succeeds when `out` is absent
+        return
+    except OSError:
+        if not out.exists():
+            raise
+    if keep_existing:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    # POSIX cannot rename over a non-empty directory: move the old one aside first, then drop it.
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.rename(out, old / out.name)
+    os.rename(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _fsync_tree(root: Path) -> None:

@@ -25,11 +25,8 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +34,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from bam.checkpoint import atomic_output_dir
 from bam.errors import BamError
 
 SPLITS = ("train", "validation", "test")
@@ -54,47 +52,6 @@ BATCH_CHARS = 4_000_000
 PROGRESS_MIN_BYTES = 32_000_000
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Atomic directories
-
-
-@contextmanager
-def atomic_directory(final: Path, *, replace: bool) -> Iterator[Path]:
-    """Yield an empty temporary sibling of `final`; on success rename it to `final`, on error delete it.
-
-    A reader therefore sees either no directory or a complete one, never a half-written one.
-    If `final` already exists: with replace=True it is swapped out for the new one; with replace=False
-    the existing one wins and the new one is discarded (for content-addressed caches, where two
-    processes racing to build the same entry build identical ones).
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        yield tmp
-        _publish(tmp, final, replace)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _publish(tmp: Path, final: Path, replace: bool) -> None:
-    try:
-        os.rename(tmp, final)  # atomic; succeeds if `final` is absent (or an empty directory)
-        return
-    except OSError:
-        if not final.exists():
-            raise
-    if not replace:
-        shutil.rmtree(tmp, ignore_errors=True)
-        return
-    # POSIX cannot rename over a non-empty directory: move the old one aside first, then drop it.
-    old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-    os.rename(final, old)
-    os.rename(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -482,7 +439,7 @@ def prepare_domain(
         return TokenizedDomain.load(entry)
 
     # Pass 2: tokenize into a temporary directory that becomes the cache entry in one rename.
-    with atomic_directory(entry, replace=False) as tmp:
+    with atomic_output_dir(entry, keep_existing=True) as tmp:
         splits = _tokenize_splits(domain, tokenizer, tmp, dtype, eos_id, settings, census)
         meta = {
             "format": FORMAT_VERSION,

@@ -132,10 +132,10 @@ DEMO_PRESETS = {
                  eval_max_tokens=8192, routing_max_tokens=2048),
     # The default `bam demo`: about 15 minutes on a 2-core CPU.
     "small": dict(preset="small", vocab_size=4096, max_chars_per_domain=2_000_000, seq_len=256,
-                  pretrain=dict(steps=600, batch_size=16, lr=2e-3, warmup=60, save_every=100),
-                  cpt=dict(steps=200, batch_size=16, lr=1e-3, warmup=20, save_every=100),
-                  mixture=dict(steps=200, batch_size=16, lr=1e-3, warmup=20, save_every=100),
-                  eval_max_tokens=65536, routing_max_tokens=8192),
+                  pretrain=dict(steps=400, batch_size=16, lr=2e-3, warmup=40, save_every=100),
+                  cpt=dict(steps=150, batch_size=16, lr=1e-3, warmup=15, save_every=50),
+                  mixture=dict(steps=150, batch_size=16, lr=1e-3, warmup=15, save_every=50),
+                  eval_max_tokens=32768, routing_max_tokens=8192),
 }
 
 

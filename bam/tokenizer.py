@@ -15,7 +15,7 @@ import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from bam.data import atomic_directory
+from bam.checkpoint import atomic_output_dir
 from bam.errors import BamError
 
 ENDOFTEXT = "<|endoftext|>"
@@ -40,7 +40,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: Path) -> Non
     _check_replaceable(out_dir)
 
     tokenizer = _train_bpe(_checked_texts(texts), vocab_size)
-    with atomic_directory(out_dir, replace=True) as tmp:
+    with atomic_output_dir(out_dir, overwrite=True) as tmp:
         _save_pretrained(tokenizer, tmp)
 
 

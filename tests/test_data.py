@@ -382,18 +382,20 @@ def test_truncation_on_the_callers_tokenizer_does_not_cut_documents(tokenizer, t
     assert domain.splits["train"].tokens == len(encode(tokenizer, doc)) + 1 > 9
 
 
-def test_atomic_directory(tmp_path):
+def test_atomic_cache_entry(tmp_path):
+    from bam.checkpoint import atomic_output_dir
+
     final = tmp_path / "entry"
-    with data.atomic_directory(final, replace=False) as tmp:
+    with atomic_output_dir(final, keep_existing=True) as tmp:
         (tmp / "a").write_text("first")
-    with data.atomic_directory(final, replace=False) as tmp:  # an identical entry already won the race
+    with atomic_output_dir(final, keep_existing=True) as tmp:  # an identical entry already won the race
         (tmp / "a").write_text("second")
     assert (final / "a").read_text() == "first"
-    with data.atomic_directory(final, replace=True) as tmp:
+    with atomic_output_dir(final, overwrite=True) as tmp:
         (tmp / "b").write_text("replacement")
     assert [p.name for p in final.iterdir()] == ["b"]
     with pytest.raises(RuntimeError):
-        with data.atomic_directory(final, replace=True) as tmp:
+        with atomic_output_dir(final, overwrite=True) as tmp:
             (tmp / "c").write_text("half written")
             raise RuntimeError("interrupted")
     assert [p.name for p in tmp_path.iterdir()] == ["entry"] and [p.name for p in final.iterdir()] == ["b"]

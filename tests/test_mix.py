@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from bam.checkpoint import load_model, open_model, save_model
 from bam.cli import main
-from bam.mix import mix, new_router
+from bam.mix import new_router
 
 TOKENS = torch.randint(0, 128, (2, 13), generator=torch.Generator().manual_seed(7))
 

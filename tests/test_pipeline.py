@@ -1,0 +1,84 @@
+"""`bam demo --preset tiny` end to end, and interrupted runs that must finish with the same numbers."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+DEMO = [sys.executable, "-m", "bam.cli", "demo", "--preset", "tiny"]
+
+
+def run_demo(out: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([*DEMO, "--out", str(out)], capture_output=True, text=True, timeout=timeout)
+
+
+def numbers(report: dict) -> dict:
+    """Every model's per-domain perplexity: what an interruption must not change."""
+    return {name: {d: stat["per_seed"] for d, stat in model["perplexity"].items()}
+            for name, model in report["models"].items()}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("demo") / "run"
+    result = run_demo(out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((out / "report" / "report.json").read_text())
+
+
+def test_tiny_demo_report_has_every_model_and_domain(uninterrupted, tmp_path):
+    domains = ["general", "code", "math", "legal"]
+    assert uninterrupted["domains"] == domains
+    expected = {"seed", "expert code", "expert math", "expert legal",
+                "BTX (DM)", "BTX (CM)", "BAM KV experts (DM)", "BAM KV experts (CM)",
+                "BAM KV sharing (DM)", "BAM KV sharing (CM)"}
+    assert set(uninterrupted["models"]) == expected
+    for name, model in uninterrupted["models"].items():
+        for domain in domains:
+            ppl = model["perplexity"][domain]["mean"]
+            assert 1.0 < ppl < uninterrupted["settings"]["vocab_size"] * 2, (name, domain, ppl)
+    for domain, info in uninterrupted["corpus"].items():
+        assert info["documents"]["test"] > 0 and info["tokens"]["train"] > 10_000, domain
+
+
+def test_tiny_demo_cost_is_consistent(uninterrupted):
+    models = uninterrupted["models"]
+    btx, bam, shared = (models[f"{m} (DM)"]["cost"] for m in ("BTX", "BAM KV experts", "BAM KV sharing"))
+    assert bam["kv_cache_bytes_per_token"] == 4 * btx["kv_cache_bytes_per_token"]
+    assert shared["kv_cache_bytes_per_token"] == btx["kv_cache_bytes_per_token"]
+    assert btx["flops_per_token"] < shared["flops_per_token"] < bam["flops_per_token"]
+
+
+def wait_for(path_glob: str, root: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not list(root.glob(path_glob)):
+        assert proc.poll() is None, f"demo ended before {path_glob} appeared: {proc.stderr.read()[-2000:]}"
+        assert time.time() < deadline, f"{path_glob} never appeared"
+        time.sleep(0.2)
+
+
+def test_interrupted_demo_resumes_to_the_same_numbers(uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    # SIGINT while the seed model trains, after its first checkpoint ...
+    proc = subprocess.Popen([*DEMO, "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for("stages/seed-*/run/checkpoints/step_*/trainer.json", out, proc)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) != 0
+    # ... then SIGKILL in the middle of an expert's continued pretraining ...
+    proc = subprocess.Popen([*DEMO, "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for("stages/expert-math-*/run/metrics.jsonl", out, proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert not (out / "report").exists()
+    # ... and a plain re-run finishes with exactly the uninterrupted numbers.
+    result = run_demo(out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = json.loads((out / "report" / "report.json").read_text())
+    assert numbers(resumed) == numbers(uninterrupted)
