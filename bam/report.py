@@ -72,26 +72,47 @@ def corpus_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _read_losses(path: str) -> tuple[list[int], list[float]]:
+    steps, losses = [], []
+    for line in Path(path).read_text().splitlines():
+        row = json.loads(line)
+        if row.get("lm_loss") is not None:
+            steps.append(row["step"])
+            losses.append(row["lm_loss"])
+    return steps, losses
+
+
+def _smooth(values: list[float], weight: float = 0.9) -> list[float]:
+    """Exponential moving average, debiased like TensorBoard's, so short runs stay readable."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, 1):
+        avg = weight * avg + (1 - weight) * v
+        out.append(avg / (1 - weight**i))
+    return out
+
+
 def plot_loss_curves(results: dict, out: Path) -> Path | None:
-    runs = {name: m["metrics"] for name, m in results["models"].items() if m.get("metrics")}
-    runs.update(results.get("extra_metrics", {}))
-    if not runs:
+    """Training loss of the dense stages (seed, experts) and of the mixture runs, side by side."""
+    panels = {"dense models: seed pretraining and expert CPT": [], "mixture training": []}
+    for name, model in results["models"].items():
+        if model.get("metrics") and not (model["method"] == "btx" and model["setting"] == "CM"):
+            panel = "mixture training" if model["group"] == "moe" else "dense models: seed pretraining and expert CPT"
+            panels[panel].append((name, model["metrics"]))
+    if not any(panels.values()):
         return None
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for name, path in runs.items():
-        steps, losses = [], []
-        for line in Path(path).read_text().splitlines():
-            row = json.loads(line)
-            if "lm_loss" in row and row.get("lm_loss") is not None:
-                steps.append(row["step"])
-                losses.append(row["lm_loss"])
-        if steps:
-            ax.plot(steps, losses, label=name, linewidth=1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training LM loss (nats/token)")
-    ax.set_title("Training loss")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    for ax, (title, runs) in zip(axes, panels.items()):
+        for name, path in runs:
+            steps, losses = _read_losses(path)
+            if steps:
+                line, = ax.plot(steps, _smooth(losses), label=name, linewidth=1.3)
+                ax.plot(steps, losses, color=line.get_color(), alpha=0.2, linewidth=0.6)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.set_ylabel("training LM loss (nats/token, smoothed)")
+        ax.grid(alpha=0.3)
+        if runs:
+            ax.legend(fontsize=7)
     path = out / "loss_curves.png"
     fig.tight_layout()
     fig.savefig(path, dpi=120)
