@@ -304,7 +304,7 @@ class Study:
         stage = self.stages.dir(name, spec)
         if self.stages.done(stage):
             return stage / "run" / "model"
-        log(f"training {name}: {steps} steps from {model.name if model.name != 'model' else model.parent.name}")
+        log(f"training {name}: {steps} steps from {self.rel(model)}")
         stage.mkdir(parents=True, exist_ok=True)
         started = time.time()
         result = train(TrainConfig(
