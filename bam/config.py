@@ -16,7 +16,7 @@ from bam.errors import BamError
 BLOCKS = ("parallel", "sequential")
 NORMS = ("rmsnorm", "layernorm")
 ATTN_ROUTINGS = ("soft", "topk")
-FFN_ROUTERS = ("linear",)
+FFN_ROUTERS = ("linear", "nexus")
 EXPERT_DISPATCHES = ("grouped", "loop")
 
 
@@ -28,6 +28,10 @@ class BamConfig(PreTrainedConfig):
       `k_proj`/`v_proj` are [n_kv_experts*H_kv*Dh, d] where n_kv_experts is 1 with `kv_shared`;
       `o_proj` is [d, n_attn_experts*H*Dh]; FFN experts are 3-D like transformers' Mixtral:
       `gate_up_proj` [n_ffn_experts, 2*d_ff, d] (gate rows first) and `down_proj` [E, d, d_ff].
+    With `ffn_shared_expert`, the always-on expert is 2-D: `ffn.shared_expert.gate_up_proj`
+    [2*d_ff, d] and `ffn.shared_expert.down_proj` [d, d_ff]. The FFN router is `ffn.router.weight`
+    [E, d] (linear), or for Nexus `ffn.router.domain_embeddings` [E, m] (fixed, never trained),
+    `ffn.router.gate_up_proj` [2*h', m] and `ffn.router.down_proj` [d, h'] (bam/moe.py).
     """
 
     model_type = "bam"
@@ -65,6 +69,17 @@ class BamConfig(PreTrainedConfig):
     ffn_router: str = "linear"
     expert_dispatch: str = "grouped"
     router_init_std: float = 0.02
+    # Nexus (METHOD.md 3.3): an always-on shared expert beside the routed ones (usable with either
+    # router), and the router that scores experts by projected domain embeddings: m = embed dim of
+    # the fixed domain embeddings, h' = hidden width of the SwiGLU projection m -> d.
+    ffn_shared_expert: bool = False
+    nexus_embed_dim: int | None = None
+    nexus_hidden_dim: int | None = None
+    # Bookkeeping, no effect on the function: the domain of each routed FFN expert (add-expert and
+    # routing reports name experts by it), and how the Nexus domain embeddings were computed
+    # (bam.nexus.EmbeddingSource as a dict), so an expert added later is embedded the same way.
+    ffn_expert_domains: list[str] | None = None
+    nexus_embedding_source: dict | None = None
 
     # Auxiliary losses on the FFN router, summed over layers and added to the LM loss.
     router_aux_loss_coef: float = 0.01
@@ -90,7 +105,9 @@ class BamConfig(PreTrainedConfig):
 
     @property
     def is_dense(self) -> bool:
-        return self.n_attn_experts == 1 and self.n_ffn_experts == 1
+        """One attention, one FFN: the plain transformer (a shared expert or Nexus router is not)."""
+        return (self.n_attn_experts == 1 and self.n_ffn_experts == 1 and not self.ffn_shared_expert
+                and self.ffn_router == "linear")
 
     def validate(self) -> None:
         def need(ok: bool, field: str, expected: str) -> None:
@@ -119,3 +136,18 @@ class BamConfig(PreTrainedConfig):
         need(self.router_init_std >= 0, "router_init_std", "a non-negative number")
         need(self.router_aux_loss_coef >= 0, "router_aux_loss_coef", "a non-negative number")
         need(self.router_z_loss_coef >= 0, "router_z_loss_coef", "a non-negative number")
+        need(isinstance(self.ffn_shared_expert, bool), "ffn_shared_expert", "true or false")
+        for field in ("nexus_embed_dim", "nexus_hidden_dim"):
+            value = getattr(self, field)
+            if self.ffn_router == "nexus":
+                need(isinstance(value, int) and not isinstance(value, bool) and value > 0, field,
+                     "a positive integer (required by ffn_router='nexus')")
+            else:
+                need(value is None, field, "null unless ffn_router='nexus'")
+        domains = self.ffn_expert_domains
+        need(domains is None or (isinstance(domains, list) and len(domains) == self.n_ffn_experts
+                                 and all(isinstance(d, str) and d for d in domains)
+                                 and len(set(domains)) == len(domains)),
+             "ffn_expert_domains", f"null or {self.n_ffn_experts} distinct names, one per FFN expert")
+        need(self.nexus_embedding_source is None or isinstance(self.nexus_embedding_source, dict),
+             "nexus_embedding_source", "null or an object")

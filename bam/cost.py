@@ -2,7 +2,8 @@
 
 Notation: d = hidden_size, L = layers, V = vocab, H / H_kv = query / key-value heads of one attention
 expert, Dh = head_dim, Na = attention experts, Nkv = K/V projections per layer (1 with kv_shared,
-else Na), E = FFN experts, k = ffn_top_k, d_ff = intermediate_size. q = H*Dh and kv = H_kv*Dh are
+else Na), E = routed FFN experts, k = ffn_top_k, d_ff = intermediate_size, m / h' = the Nexus
+domain-embedding and projection widths. q = H*Dh and kv = H_kv*Dh are
 one expert's query and key/value widths; with multi-head attention and Dh = d/H both equal d, which
 is how METHOD.md writes the formulas.
 
@@ -12,15 +13,21 @@ Parameters
   to count; every attention expert counts, because soft routing runs all of them (the top-k
   attention ablation computes all of them too before zeroing gates). Embeddings, LM head, norms and
   routers count, so a dense model's active == total (the convention behind Mixtral's "12.9B active").
+  An always-on shared expert is active for every token. A Nexus router counts its fixed domain
+  embeddings (E*m, stored but never trained) and its projection (2h'*m + d*h').
 
 FLOPs per token, inference, 2 per multiply-accumulate; per layer (METHOD.md section 5):
     attention router     2 * Na * d                   only when Na > 1 (BTX has none)
     Q, K, V projections  2 * d * (Na*q + 2*Nkv*kv)    = 6Nd^2 with KV experts, 2Nd^2 + 4d^2 shared
     scores and mixing    2 * Na * n_ctx * q           METHOD's 2N*n_ctx*d: one count per query width
     output projections   2 * Na * q * d               = 2Nd^2
-    FFN router           2 * E * d                    only when E > 1 (METHOD writes 2Nd)
+    FFN router           2 * E * d                    linear: only when E > 1 (METHOD writes 2Nd);
+                                                      nexus: the scores h . e_i, always
     FFN                  2 * 3 * k * d * d_ff         SwiGLU: gate, up and down matrices
-plus the LM head, 2 * d * V, once per token. Not counted (all O(d) per layer): norms, RoPE, softmax,
+    shared expert        2 * 3 * d * d_ff             only with ffn_shared_expert
+plus the LM head, 2 * d * V, once per token. The Nexus projection e_i = W2 SwiGLU(W1 d_i) does not
+depend on the token: it costs `nexus_projection_flops` per layer once per forward pass (and could
+be cached at inference), so it is not in the per-token count. Not counted (all O(d) per layer): norms, RoPE, softmax,
 gating products, biases, the embedding lookup. Training = 3x inference (forward + backward).
 
 KV-cache bytes per token: L * 2 (K and V) * Nkv * H_kv * Dh * dtype_bytes.
@@ -57,9 +64,18 @@ def layer_params(config: BamConfig, active: bool = False) -> dict[str, int]:
         "norms": d * (1 if config.block == "parallel" else 2),
         "attention": attention,
         "attn_router": na * d if na > 1 else 0,
-        "ffn_router": config.n_ffn_experts * d if config.n_ffn_experts > 1 else 0,
+        "ffn_router": ffn_router_params(config),
         "ffn": ffn_experts * 3 * d * config.intermediate_size,
+        "shared_expert": 3 * d * config.intermediate_size if config.ffn_shared_expert else 0,
     }
+
+
+def ffn_router_params(config: BamConfig) -> int:
+    e, d = config.n_ffn_experts, config.hidden_size
+    if config.ffn_router == "nexus":
+        m, h = config.nexus_embed_dim, config.nexus_hidden_dim
+        return e * m + 2 * h * m + d * h  # domain embeddings, W1, W2
+    return e * d if e > 1 else 0
 
 
 def embedding_params(config: BamConfig) -> int:
@@ -85,14 +101,24 @@ def layer_flops(config: BamConfig, n_ctx: int) -> dict[str, int]:
     d, na, nkv = config.hidden_size, config.n_attn_experts, config.n_kv_experts
     q, kv = _query_width(config), _kv_width(config)
     e = config.n_ffn_experts
+    has_ffn_router = e > 1 or config.ffn_router == "nexus"
     return {
         "attn_router": 2 * na * d if na > 1 else 0,
         "qkv_projections": 2 * d * (na * q + 2 * nkv * kv),
         "attention_scores_and_mixing": 2 * na * n_ctx * q,
         "output_projections": 2 * na * q * d,
-        "ffn_router": 2 * e * d if e > 1 else 0,
+        "ffn_router": 2 * e * d if has_ffn_router else 0,
         "ffn": 2 * 3 * config.ffn_top_k * d * config.intermediate_size,
+        "shared_expert": 2 * 3 * d * config.intermediate_size if config.ffn_shared_expert else 0,
     }
+
+
+def nexus_projection_flops(config: BamConfig) -> int:
+    """FLOPs of one layer's e_i = W2 SwiGLU(W1 d_i) for all E experts: once per forward pass, not per token."""
+    if config.ffn_router != "nexus":
+        return 0
+    e, m, h = config.n_ffn_experts, config.nexus_embed_dim, config.nexus_hidden_dim
+    return 2 * e * m * 2 * h + 2 * e * h * config.hidden_size
 
 
 def flops_per_token(config: BamConfig, n_ctx: int, training: bool = False) -> int:
@@ -111,10 +137,12 @@ def kv_cache_bytes_per_token(config: BamConfig, dtype_bytes: int = 2) -> int:
 
 
 def layout(config: BamConfig) -> str:
-    """A short name for the expert layout."""
-    if config.n_attn_experts > 1:
-        return "bam-shared" if config.kv_shared else "bam"
-    return "dense" if config.n_ffn_experts == 1 else "ffn-moe"
+    """A short name for the expert layout (the Nexus ones are `bam mix`'s method names)."""
+    attention = ("bam-shared" if config.kv_shared else "bam") if config.n_attn_experts > 1 else None
+    if config.ffn_router == "nexus":
+        return f"nexus-{attention}" if attention else "nexus"
+    name = attention or ("dense" if config.n_ffn_experts == 1 else "ffn-moe")
+    return f"{name}+shared-expert" if config.ffn_shared_expert else name
 
 
 def summarize(config: BamConfig, n_ctx: int = 256, dtype_bytes: int = 2) -> dict:
@@ -147,5 +175,9 @@ def summarize(config: BamConfig, n_ctx: int = 256, dtype_bytes: int = 2) -> dict
             "n_ffn_experts": config.n_ffn_experts,
             "ffn_top_k": config.ffn_top_k,
             "ffn_renormalize": config.ffn_renormalize,
+            "ffn_router": config.ffn_router,
+            "ffn_shared_expert": config.ffn_shared_expert,
+            "ffn_expert_domains": config.ffn_expert_domains,
+            "nexus_projection_flops_per_layer": nexus_projection_flops(config),
         },
     }

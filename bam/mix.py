@@ -1,6 +1,7 @@
-"""Mixing: one Mixture-of-Experts checkpoint from dense checkpoints (METHOD.md section 3).
+"""Mixing: one Mixture-of-Experts checkpoint from dense checkpoints (METHOD.md section 3), and
+adding one more dense expert to a mixture later (METHOD.md 3.3).
 
-Every output tensor is a pure function of the same-named tensors of the N dense sources:
+Every output tensor is a pure function of the same-named tensors of the dense sources:
 
     tensor                        btx       bam       bam-shared   upcycle (one source)
     ffn experts (gate_up, down)   stack     stack     stack        repeat N times
@@ -10,11 +11,21 @@ Every output tensor is a pure function of the same-named tensors of the N dense 
     ffn router                    new       new       new          new
     attn router                   -         new       new          -
 
+Nexus (METHOD.md 3.3) takes the seed first, then N domain experts. The seed's FFN becomes the
+always-on shared expert, the N domain experts' FFNs are stacked as the routed experts, and every
+other tensor is averaged over all N+1 models, as btx does. The router is Nexus's: the given domain
+embeddings (one per domain expert) and a new projection (small normals like any new router).
+`nexus-bam` and `nexus-bam-shared` are our extension: attention experts as in bam / bam-shared,
+one per model, the seed's included (attention has no shared expert; all N+1 are soft-routed).
+
 "stack" puts expert j's tensor in slot j, expert-major (the layout bam/config.py describes): rows
 of q/k/v, columns of o_proj, dim 0 of the 3-D FFN expert tensors. Averages are uniform unless
 weights are given (they are normalized to sum to 1). Routers are new, N(0, router_init_std), drawn
 from a generator seeded by (seed, tensor name), so a router does not depend on which tensors were
 computed before it.
+
+`add_expert` appends one dense model's FFN (and attention, if the mixture has attention experts)
+as expert N+1 and merges every other tensor as (1 - λ) * moe + λ * new (see its docstring).
 
 `mix` checks everything it can before it creates any output, then streams: the safetensors header
 is written first and each output tensor is computed from the sources just before it is written, so
@@ -41,12 +52,18 @@ from bam.checkpoint import (
     config_from_dict,
     copy_tokenizer,
     expected_tensor_names,
+    open_model,
 )
 from bam.config import BamConfig
 from bam.errors import BamError
+from bam.nexus import DomainEmbeddings
 
-METHODS = ("btx", "bam", "bam-shared", "upcycle")
+NEXUS_METHODS = ("nexus", "nexus-bam", "nexus-bam-shared")
+METHODS = ("btx", "bam", "bam-shared", "upcycle", *NEXUS_METHODS)
 PROVENANCE_NAME = "mix.json"
+# Load-balancing coefficient the Nexus paper trains with (METHOD.md 3.1); btx/bam keep the dense
+# config's (0.01 by default). `bam train --aux-loss-coef` overrides either.
+NEXUS_AUX_LOSS_COEF = 0.05
 
 # Config fields that must agree for two dense models to be experts of one MoE: they fix every
 # tensor's shape, or they change the function the shared (averaged) parameters compute.
@@ -62,20 +79,34 @@ COMPATIBILITY_FIELDS = (
 
 
 def mixed_config(dense: BamConfig, method: str, n_experts: int, top_k: int = 1,
-                 renormalize: bool = False, router_init_std: float = 0.02) -> BamConfig:
-    """The dense config with N FFN experts, plus N attention experts for bam / bam-shared."""
+                 renormalize: bool = False, router_init_std: float = 0.02,
+                 domain_embeddings: DomainEmbeddings | None = None,
+                 nexus_hidden_dim: int | None = None) -> BamConfig:
+    """The dense config with N routed FFN experts, plus attention experts for the bam methods.
+
+    bam / bam-shared have N attention experts; the Nexus methods have N routed experts plus the
+    shared one, so nexus-bam / nexus-bam-shared have N+1 attention experts (one per model).
+    """
     check_method(method)
-    has_attn_experts = method in ("bam", "bam-shared")
+    nexus = method in NEXUS_METHODS
+    n_models = n_experts + 1 if nexus else n_experts
     fields = dense.to_dict()
     fields.update(
-        n_attn_experts=n_experts if has_attn_experts else 1,
-        kv_shared=method == "bam-shared",
+        n_attn_experts=n_models if method.endswith(("bam", "bam-shared")) else 1,
+        kv_shared=method.endswith("bam-shared"),
         attn_routing="soft",  # METHOD.md 3.2: soft routing; top-k attention is an ablation only
         attn_top_k=1,
         n_ffn_experts=n_experts,
         ffn_top_k=top_k,
         ffn_renormalize=renormalize,
         router_init_std=router_init_std,
+        ffn_router="nexus" if nexus else "linear",
+        ffn_shared_expert=nexus,
+        nexus_embed_dim=domain_embeddings.dim if nexus else None,
+        nexus_hidden_dim=(nexus_hidden_dim or dense.hidden_size) if nexus else None,
+        ffn_expert_domains=domain_embeddings.names if nexus else None,
+        nexus_embedding_source=domain_embeddings.source if nexus else None,
+        router_aux_loss_coef=NEXUS_AUX_LOSS_COEF if nexus else dense.router_aux_loss_coef,
         architectures=["BamForCausalLM"],
     )
     return config_from_dict(fields, f"mixed config ({method})")
@@ -101,8 +132,11 @@ def parameter_shapes(config: BamConfig) -> dict[str, tuple[int, ...]]:
 
 @dataclass(frozen=True)
 class Rule:
-    kind: str  # "average" | "copy" | "stack" | "repeat" | "router"
+    # mix: "average" | "copy" | "stack" | "repeat" | "router" | "shared_expert" | "domain_embeddings"
+    # add_expert: "keep" | "append" | "append_embedding" | "router_row" | "merge"
+    kind: str
     dim: int = 0  # the dimension experts are stacked along ("stack", "repeat")
+    routed_only: bool = False  # "stack" over the domain experts only (Nexus: not the seed)
 
 
 # Attention tensors each method keeps per expert, and the dim experts are stacked along: rows for
@@ -112,14 +146,22 @@ STACKED_ATTENTION = {
             "v_proj.weight": 0, "v_proj.bias": 0, "o_proj.weight": 1},
     "bam-shared": {"q_proj.weight": 0, "q_proj.bias": 0, "o_proj.weight": 1},
 }
+STACKED_ATTENTION["nexus-bam"] = STACKED_ATTENTION["bam"]
+STACKED_ATTENTION["nexus-bam-shared"] = STACKED_ATTENTION["bam-shared"]
 
 
 def tensor_rule(name: str, method: str) -> Rule:
     """How output tensor `name` is built under `method` (the table in this module's docstring)."""
     if name.endswith(".router.weight"):
         return Rule("router")
+    if name.endswith(".ffn.router.domain_embeddings"):
+        return Rule("domain_embeddings")
+    if ".ffn.router." in name:  # the Nexus projection W1, W2: new, like any router
+        return Rule("router")
+    if ".ffn.shared_expert." in name:
+        return Rule("shared_expert")
     if ".ffn.experts." in name:
-        return Rule("repeat" if method == "upcycle" else "stack", 0)
+        return Rule("repeat" if method == "upcycle" else "stack", 0, routed_only=method in NEXUS_METHODS)
     if method == "upcycle":
         return Rule("copy")
     _, found, leaf = name.rpartition(".attn.")
@@ -191,10 +233,15 @@ def new_router(name: str, shape: Sequence[int], std: float, seed: int,
 
 
 def check_request(sources: Sequence[ModelSource], method: str, num_experts: int | None,
-                  top_k: int, weights: Sequence[float] | None, router_init_std: float) -> int:
-    """Validate the options against the sources; returns N, the number of experts."""
+                  top_k: int, weights: Sequence[float] | None, router_init_std: float,
+                  domain_embeddings: DomainEmbeddings | None = None) -> int:
+    """Validate the options against the sources; returns N, the number of (routed) FFN experts."""
     check_method(method)
-    if method == "upcycle":
+    if method not in NEXUS_METHODS and domain_embeddings is not None:
+        raise BamError(f"--domain-embeddings applies to the nexus methods, not {method}")
+    if method in NEXUS_METHODS:
+        n_experts = check_nexus_request(sources, method, num_experts, router_init_std, domain_embeddings)
+    elif method == "upcycle":
         if len(sources) != 1:
             raise BamError(f"upcycle takes exactly one model directory, got {len(sources)}")
         if num_experts is None:
@@ -216,11 +263,33 @@ def check_request(sources: Sequence[ModelSource], method: str, num_experts: int 
     if router_init_std < 0:
         raise BamError(f"--router-init-std {router_init_std}: expected a non-negative number")
     if weights is not None:
-        if len(weights) != n_experts:
-            raise BamError(f"--weights has {len(weights)} values for {n_experts} models")
+        if len(weights) != len(sources):
+            raise BamError(f"--weights has {len(weights)} values for {len(sources)} models")
         if any(w < 0 for w in weights) or sum(weights) <= 0:
             raise BamError(f"--weights {','.join(map(str, weights))}: expected non-negative numbers "
                            f"with a positive sum")
+    return n_experts
+
+
+def check_nexus_request(sources: Sequence[ModelSource], method: str, num_experts: int | None,
+                        router_init_std: float, domain_embeddings: DomainEmbeddings | None) -> int:
+    """Nexus: the seed, then N >= 1 domain experts with one domain embedding each; returns N."""
+    if len(sources) < 2:
+        raise BamError(f"{method} takes the seed model directory first, then at least one domain expert "
+                       f"(got {len(sources)} directory)")
+    n_experts = len(sources) - 1
+    if num_experts is not None and num_experts != n_experts:
+        raise BamError(f"--num-experts {num_experts} but {n_experts} domain experts were given after the seed")
+    if domain_embeddings is None:
+        raise BamError(f"{method} needs --domain-embeddings FILE (make one with `bam embed-domains`)")
+    domain_embeddings.check("--domain-embeddings")
+    if len(domain_embeddings.vectors) != n_experts:
+        raise BamError(f"--domain-embeddings has {len(domain_embeddings.vectors)} domains "
+                       f"({', '.join(domain_embeddings.names)}) for {n_experts} domain experts; "
+                       f"pick them in expert order with --domains")
+    if router_init_std <= 0:
+        # e = W2 SwiGLU(W1 d): with W1 = W2 = 0 each one's gradient is a multiple of the other: stuck at 0.
+        raise BamError(f"--router-init-std {router_init_std}: the Nexus projection needs a positive std")
     return n_experts
 
 
@@ -229,9 +298,10 @@ def check_sources(sources: Sequence[ModelSource]) -> None:
     first = sources[0]
     for source in sources:
         config = source.config
-        if config.n_ffn_experts > 1 or config.n_attn_experts > 1:
+        if not config.is_dense:
             raise BamError(f"{source.path}: already a mixture (n_ffn_experts={config.n_ffn_experts}, "
-                           f"n_attn_experts={config.n_attn_experts}); mix takes dense models")
+                           f"n_attn_experts={config.n_attn_experts}, ffn_router={config.ffn_router!r}, "
+                           f"ffn_shared_expert={config.ffn_shared_expert}); mix takes dense models")
     for source in sources[1:]:
         for field in COMPATIBILITY_FIELDS:
             a, b = getattr(first.config, field), getattr(source.config, field)
@@ -302,20 +372,25 @@ def source_dtype(source: ModelSource) -> torch.dtype:
 def mix(sources: Sequence[ModelSource], method: str, out: str | Path, *, top_k: int = 1,
         renormalize: bool = False, num_experts: int | None = None, router_init_std: float = 0.02,
         seed: int = 0, weights: Sequence[float] | None = None, overwrite: bool = False,
-        progress: bool | None = None) -> Path:
+        progress: bool | None = None, domain_embeddings: DomainEmbeddings | None = None,
+        nexus_hidden_dim: int | None = None) -> Path:
     """Write the MoE mixed from `sources` to `out`; returns `out`.
 
     btx, bam and bam-shared make one expert per source (N = len(sources); pass a directory twice to
-    use it twice); upcycle copies one source's FFN into `num_experts` experts. The output has the
-    sources' dtype (that of the first source; other sources are cast to it), the first source's
-    tokenizer, and a mix.json recording how it was made. `progress=None` shows a bar on a terminal.
+    use it twice); upcycle copies one source's FFN into `num_experts` experts. The Nexus methods
+    take the seed first and one routed expert per further source; `domain_embeddings` holds one
+    vector per routed expert, in their order, and `nexus_hidden_dim` is h' (default: hidden_size).
+    The output has the sources' dtype (that of the first source; other sources are cast to it),
+    the first source's tokenizer, and a mix.json recording how it was made. `progress=None` shows a
+    bar on a terminal.
     """
     out = Path(out)
-    n_experts = check_request(sources, method, num_experts, top_k, weights, router_init_std)
+    n_experts = check_request(sources, method, num_experts, top_k, weights, router_init_std, domain_embeddings)
     check_sources(sources)
     check_tokenizers(sources)
     check_output(out, sources, overwrite)
-    config = mixed_config(sources[0].config, method, n_experts, top_k, renormalize, router_init_std)
+    config = mixed_config(sources[0].config, method, n_experts, top_k, renormalize, router_init_std,
+                          domain_embeddings, nexus_hidden_dim)
     dtype = source_dtype(sources[0])
     config.dtype = dtype
 
@@ -339,9 +414,14 @@ def mix(sources: Sequence[ModelSource], method: str, out: str | Path, *, top_k: 
             return read(sources[0], name).to(dtype)
         if rule.kind == "repeat":
             return repeat_experts(read(sources[0], name).to(dtype), n_experts)
-        parts = (read(source, name) for source in sources)  # lazy: one input in memory at a time
+        if rule.kind == "shared_expert":  # the seed's one FFN: [1, ...] in the dense model -> [...]
+            return read(sources[0], name.replace(".ffn.shared_expert.", ".ffn.experts."))[0].to(dtype)
+        if rule.kind == "domain_embeddings":
+            return torch.stack(list(domain_embeddings.vectors.values())).to(dtype)
         if rule.kind == "stack":
-            return stack(parts, len(sources), rule.dim, dtype)
+            experts = sources[1:] if rule.routed_only else sources
+            return stack((read(source, name) for source in experts), len(experts), rule.dim, dtype)
+        parts = (read(source, name) for source in sources)  # lazy: one input in memory at a time
         return average(parts, weights or [1.0] * len(sources), dtype)
 
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
@@ -364,6 +444,181 @@ def mix(sources: Sequence[ModelSource], method: str, out: str | Path, *, top_k: 
             "dtype": str(dtype).removeprefix("torch."),
             "tokenizer_from": str(tokenizer_source.path) if tokenizer_source else None,
         }
+        if method in NEXUS_METHODS:
+            provenance.update(shared_expert_from=provenance["sources"][0]["path"],
+                              domains=domain_embeddings.names, nexus_hidden_dim=config.nexus_hidden_dim,
+                              embedding_source=domain_embeddings.source)
+        (tmp / PROVENANCE_NAME).write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Adding an expert to a mixture (METHOD.md 3.3, "adding an expert after training")
+
+
+def added_tensor_rule(name: str, config: BamConfig) -> Rule:
+    """How tensor `name` of a mixture with config `config` grows when one dense expert is appended.
+
+        FFN experts; q/o of attention experts (k/v too with KV experts)  append the new model's slice
+        Nexus domain embeddings                                         append the new domain's vector
+        Nexus projection W1, W2; the shared expert                      keep
+        linear FFN router, attention router                             append a new row
+        everything else (k/v too with KV sharing)                       merge (1 - λ) * moe + λ * new
+    """
+    if name.endswith(".ffn.router.domain_embeddings"):
+        return Rule("append_embedding")
+    if name.endswith(".router.weight"):
+        return Rule("router_row")
+    if ".ffn.router." in name or ".ffn.shared_expert." in name:
+        return Rule("keep")
+    if ".ffn.experts." in name:
+        return Rule("append", 0)
+    _, found, leaf = name.rpartition(".attn.")
+    if found and config.n_attn_experts > 1:
+        dim = STACKED_ATTENTION["bam-shared" if config.kv_shared else "bam"].get(leaf)
+        if dim is not None:
+            return Rule("append", dim)
+    return Rule("merge")
+
+
+def grown_config(config: BamConfig, domain: str, linear_router: bool = False) -> BamConfig:
+    """The mixture's config with one more routed FFN expert (and attention expert, if it has them);
+    `linear_router` swaps a Nexus router for a linear one (`add_expert(..., reset_router=True)`)."""
+    fields = config.to_dict()
+    fields.update(
+        n_ffn_experts=config.n_ffn_experts + 1,
+        n_attn_experts=config.n_attn_experts + 1 if config.n_attn_experts > 1 else 1,
+        ffn_expert_domains=None if config.ffn_expert_domains is None else [*config.ffn_expert_domains, domain],
+    )
+    if linear_router:
+        fields.update(ffn_router="linear", nexus_embed_dim=None, nexus_hidden_dim=None, nexus_embedding_source=None)
+    return config_from_dict(fields, "config with the added expert")
+
+
+def check_add_request(moe: ModelSource, new: ModelSource, domain: str, embedding: torch.Tensor | None,
+                      merge_weight: float, reset_router: bool, router_init_std: float) -> None:
+    config = moe.config
+    if config.is_dense:
+        raise BamError(f"{moe.path}: a dense model; add-expert appends to a mixture (make one with bam mix)")
+    if not new.config.is_dense:
+        raise BamError(f"{new.path}: already a mixture (n_ffn_experts={new.config.n_ffn_experts}); "
+                       "the new expert must be a dense model")
+    for field in COMPATIBILITY_FIELDS:
+        a, b = getattr(config, field), getattr(new.config, field)
+        if a != b:
+            raise BamError(f"new expert differs from the mixture in {field}: {b!r} in {new.path} vs {a!r} in {moe.path}")
+    if not isinstance(domain, str) or not domain:
+        raise BamError(f"--domain {domain!r}: expected a domain name")
+    if domain in (config.ffn_expert_domains or []):
+        raise BamError(f"--domain {domain}: the mixture already has an expert for it "
+                       f"(experts: {', '.join(config.ffn_expert_domains)})")
+    if config.ffn_router == "nexus" and not reset_router:
+        if embedding is None:
+            raise BamError(f"{moe.path}: a Nexus mixture needs the new domain's embedding")
+        if tuple(embedding.shape) != (config.nexus_embed_dim,):
+            raise BamError(f"domain embedding of {domain!r} has shape {tuple(embedding.shape)}, the mixture's "
+                           f"have ({config.nexus_embed_dim},) (nexus_embed_dim): embed it like the others")
+        if not bool(torch.isfinite(embedding).all()):
+            raise BamError(f"domain embedding of {domain!r} has non-finite values")
+    elif embedding is not None:
+        router = "a reset (new linear) router" if reset_router else f"ffn_router={config.ffn_router!r}"
+        raise BamError(f"{moe.path}: {router} has no domain embeddings; pass none")
+    if not 0 < merge_weight <= 1:
+        raise BamError(f"--merge-weight {merge_weight}: expected a number in (0, 1]")
+    if router_init_std < 0:
+        raise BamError(f"--router-init-std {router_init_std}: expected a non-negative number")
+
+
+def add_expert(moe: str | Path | ModelSource, new: str | Path | ModelSource, domain: str,
+               embedding: torch.Tensor | None, out: str | Path, *, reset_router: bool = False,
+               merge_weight: float | None = None, router_init_std: float | None = None, seed: int = 0,
+               overwrite: bool = False, progress: bool | None = None) -> Path:
+    """Write `moe` with the dense model `new` appended as routed expert N+1 to `out`; returns `out`.
+
+    - The new model's FFN becomes the last routed expert. If the mixture has attention experts,
+      the new model's Q and O (and K, V, unless K/V are shared) become the last attention expert.
+    - Nexus: `embedding` [nexus_embed_dim] becomes the last row of every layer's domain
+      embeddings. Compute it the way the mixture's were (bam.nexus with the mixture's
+      `nexus_embedding_source`). The projection is kept as trained (no router reset), so the new
+      expert is routed by P(d_new) from the start.
+    - A linear FFN router and an attention router each get one new row ~ N(0, router_init_std^2)
+      (default: the mixture's router_init_std), seeded by (seed, tensor name, domain); the
+      trained rows are kept.
+    - `reset_router` replaces the whole FFN router by a new linear one ~ N(0, router_init_std^2)
+      over all N+1 experts, whatever the mixture had (a Nexus router's projection and domain
+      embeddings are dropped): the "linear router reset" baseline METHOD.md 3.3 compares Nexus with.
+    - The shared expert is kept. Every other tensor (embeddings, norms, LM head, averaged
+      attention, shared K/V) becomes (1 - λ) * moe + λ * new with λ = `merge_weight`, by default
+      1/(N+1), N = routed experts before adding (METHOD.md 3.3). (For a Nexus mixture of a seed and
+      N experts those tensors average N+1 models, so 1/(N+2) would be the exact running mean; we
+      keep the paper's 1/(N+1).)
+
+    `out` gets the mixture's dtype and tokenizer and a mix.json: the mixture's, plus this addition.
+    Everything is checked before `out` is created, and tensors are streamed as in `mix`.
+    """
+    moe = moe if isinstance(moe, ModelSource) else open_model(moe)
+    new = new if isinstance(new, ModelSource) else open_model(new)
+    out = Path(out)
+    config = moe.config
+    n_experts = config.n_ffn_experts
+    lam = 1.0 / (n_experts + 1) if merge_weight is None else float(merge_weight)
+    std = config.router_init_std if router_init_std is None else float(router_init_std)
+    check_add_request(moe, new, domain, embedding, lam, reset_router, std)
+    check_sources([new])
+    check_tokenizers([moe, new])
+    check_output(out, [moe, new], overwrite)
+
+    new_config = grown_config(config, domain, linear_router=reset_router and config.ffn_router == "nexus")
+    dtype = source_dtype(moe)
+    new_config.dtype = dtype
+    moe_shapes, new_shapes = parameter_shapes(config), parameter_shapes(new.config)
+    output_shapes = parameter_shapes(new_config)
+    names = expected_tensor_names(new_config)
+
+    def read(source: ModelSource, name: str) -> torch.Tensor:
+        tensor = source.tensor(name)
+        expected = (moe_shapes if source is moe else new_shapes)[name]
+        if tuple(tensor.shape) != expected:
+            raise BamError(f"{source.path}: tensor {name} has shape {tuple(tensor.shape)}, expected {expected}")
+        return tensor.to(dtype)
+
+    def output_tensor(name: str) -> torch.Tensor:
+        rule = added_tensor_rule(name, config)
+        if rule.kind == "keep":
+            return read(moe, name)
+        if rule.kind == "append_embedding":
+            return torch.cat([read(moe, name), embedding.detach().reshape(1, -1).to(dtype)])
+        if rule.kind == "router_row":
+            # No old linear router: the mixture had a Nexus one (reset), or a single routed expert,
+            # which needs no router (bam/moe.py).
+            if name not in moe_shapes or (reset_router and ".ffn." in name):
+                return new_router(name, output_shapes[name], std, seed, dtype)
+            row = new_router(f"{name}/added/{domain}", (1, output_shapes[name][1]), std, seed, dtype)
+            return torch.cat([read(moe, name), row])
+        if rule.kind == "append":
+            return torch.cat([read(moe, name), read(new, name)], dim=rule.dim)
+        return average([read(moe, name), read(new, name)], [1.0 - lam, lam], dtype)
+
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        new_config.save_pretrained(tmp)
+        specs = {name: (dtype, output_shapes[name]) for name in names}
+        with StreamingSafetensorsWriter(tmp / WEIGHTS_NAME, specs) as writer:
+            for name in tqdm(names, desc="bam add-expert", unit="tensor", disable=_quiet(progress)):
+                writer.write(name, output_tensor(name))
+        copy_tokenizer(moe.tokenizer_dir, tmp)
+        provenance_path = Path(moe.path) / PROVENANCE_NAME
+        provenance = json.loads(provenance_path.read_text(encoding="utf-8")) if provenance_path.is_file() else {}
+        provenance.setdefault("added_experts", []).append({
+            "domain": domain,
+            "path": str(Path(new.path).resolve()),
+            "family": new.family,
+            "into": str(Path(moe.path).resolve()),
+            "expert_index": n_experts,
+            "merge_weight": lam,
+            "reset_router": reset_router,
+            "router_init_std": std,
+            "seed": seed,
+        })
         (tmp / PROVENANCE_NAME).write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
     return out
 

@@ -4,8 +4,9 @@ Block (METHOD.md section 2), with h = Norm(x):
     parallel:   y = x + Attention(h) + FFN(h)
     sequential: y1 = x + Attention(Norm1(x)); y = y1 + FFN(Norm2(y1))
 Attention is a soft mixture of N attention experts (METHOD.md 3.2), computed as one
-scaled-dot-product attention over N*H query heads; FFN is a routed mixture of SwiGLU experts
-(bam/moe.py). With N = 1 both are the ordinary dense modules.
+scaled-dot-product attention over N*H query heads; FFN is a routed mixture of SwiGLU experts with
+a linear or Nexus router and an optional always-on shared expert (bam/moe.py). With N = 1 both
+are the ordinary dense modules.
 
 Shape suffixes: B batch, T query positions, S key positions, D width, H heads, N experts.
 """
@@ -23,7 +24,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import ModelOutput
 
 from bam.config import BamConfig
-from bam.moe import LinearRouter, MoEFFN, SwiGLUExperts
+from bam.moe import LinearRouter, MoEFFN, NexusRouter, SwiGLU, SwiGLUExperts
 
 
 class Norm(nn.Module):
@@ -200,11 +201,17 @@ class BamPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.bias)
         elif isinstance(module, Norm):
             init.ones_(module.weight)
-        elif isinstance(module, SwiGLUExperts):
+        elif isinstance(module, (SwiGLUExperts, SwiGLU)):
             init.normal_(module.gate_up_proj, mean=0.0, std=std)
             init.normal_(module.down_proj, mean=0.0, std=std)
         elif isinstance(module, LinearRouter):
             init.normal_(module.weight, mean=0.0, std=self.config.router_init_std)
+        elif isinstance(module, NexusRouter):
+            # Placeholder domain embeddings (any fixed vectors work, METHOD.md 3.3); `bam mix --method
+            # nexus` writes the real ones. Unit variance: the scale bam.nexus gives real embeddings.
+            init.normal_(module.domain_embeddings, mean=0.0, std=1.0)
+            init.normal_(module.gate_up_proj, mean=0.0, std=self.config.router_init_std)
+            init.normal_(module.down_proj, mean=0.0, std=self.config.router_init_std)
         if isinstance(module, MixtureOfAttention) and module.router is not None:
             init.normal_(module.router.weight, mean=0.0, std=self.config.router_init_std)
 

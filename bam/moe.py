@@ -1,6 +1,16 @@
-"""FFN experts: the router, dropless dispatch, and the auxiliary losses (METHOD.md 3.1).
+"""FFN experts: the routers, dropless dispatch, the shared expert and the auxiliary losses.
 
-Shapes use suffixes: T tokens, D model width, F expert hidden width, E experts, K experts per token.
+Two router kinds compute the logits over the E routed experts; top-k and gating are then the same:
+- linear (METHOD.md 3.1): `logits = W h`, W a learned [E, D] matrix.
+- nexus (METHOD.md 3.3): `logits = h . e_i` with expert embeddings `e_i = W2 SwiGLU(W1 d_i)`
+  projected from fixed per-domain embeddings d_i, so adding an expert later needs no new router
+  weights, only its domain embedding.
+An optional always-on shared expert (Nexus: the seed's FFN) is added to the routed output:
+`y = FFN_shared(h) + sum_k gate_k * FFN_{e_k}(h)`. The load-balancing and z losses see the routed
+experts only; the shared expert takes every token by construction.
+
+Shapes use suffixes: T tokens, D model width, F expert hidden width, E experts, K experts per token,
+M domain-embedding width, P the Nexus projection's hidden width (h').
 """
 
 from __future__ import annotations
@@ -42,13 +52,21 @@ class Routing:
     gate_TK: torch.Tensor
 
 
-class LinearRouter(nn.Module):
-    """`p = softmax(W h)`, top-k; gates are p of the selected experts, optionally renormalized.
+def route(logits_TE: torch.Tensor, top_k: int, renormalize: bool) -> Routing:
+    """`p = softmax(logits)`, top-k; gates are p of the selected experts, optionally renormalized.
 
     Renormalizing the top-k probabilities equals a softmax over the top-k logits (Mixtral's rule);
     with top-1 it makes the gate 1 and the router gets no gradient, hence BAM's unnormalized default.
-    Logits and softmax are computed in fp32 whatever the activation dtype.
     """
+    probs_TE = logits_TE.softmax(dim=-1)
+    gate_TK, expert_index_TK = probs_TE.topk(top_k, dim=-1)
+    if renormalize:
+        gate_TK = gate_TK / gate_TK.sum(dim=-1, keepdim=True)
+    return Routing(logits_TE, probs_TE, expert_index_TK, gate_TK)
+
+
+class LinearRouter(nn.Module):
+    """`logits = W h` with a learned W [E, D]; computed in fp32 whatever the activation dtype."""
 
     def __init__(self, config: BamConfig):
         super().__init__()
@@ -58,11 +76,40 @@ class LinearRouter(nn.Module):
 
     def forward(self, h_TD: torch.Tensor) -> Routing:
         logits_TE = F.linear(h_TD.float(), self.weight.float())
-        probs_TE = logits_TE.softmax(dim=-1)
-        gate_TK, expert_index_TK = probs_TE.topk(self.top_k, dim=-1)
-        if self.renormalize:
-            gate_TK = gate_TK / gate_TK.sum(dim=-1, keepdim=True)
-        return Routing(logits_TE, probs_TE, expert_index_TK, gate_TK)
+        return route(logits_TE, self.top_k, self.renormalize)
+
+
+class NexusRouter(nn.Module):
+    """`logits_i = h . e_i`, `e_i = W2 SwiGLU(W1 d_i)` (METHOD.md 3.3); fp32 like the linear router.
+
+    `domain_embeddings` [E, M] holds one fixed vector per routed expert (bam.nexus computes them).
+    It is a parameter, not a buffer, so that checkpoints, `load_model` and transformers'
+    `from_pretrained` store and restore it like every other tensor; it is created frozen and is
+    detached in forward, so it never receives a gradient even when a trainer unfreezes every
+    parameter (AdamW skips parameters without a gradient, weight decay included). The projection
+    (`gate_up_proj` = W1 [2P, M], gate rows first as in the experts; `down_proj` = W2 [D, P]) is
+    shared by all experts and trained: its size does not depend on E, and a new expert needs only
+    a new row of `domain_embeddings`.
+    """
+
+    def __init__(self, config: BamConfig):
+        super().__init__()
+        self.top_k = config.ffn_top_k
+        self.renormalize = config.ffn_renormalize
+        m, p, d = config.nexus_embed_dim, config.nexus_hidden_dim, config.hidden_size
+        self.domain_embeddings = nn.Parameter(torch.empty(config.n_ffn_experts, m), requires_grad=False)
+        self.gate_up_proj = nn.Parameter(torch.empty(2 * p, m))
+        self.down_proj = nn.Parameter(torch.empty(d, p))
+
+    def expert_embeddings(self) -> torch.Tensor:
+        """e_i for every expert, [E, D] in fp32: computed once per forward, for all tokens."""
+        domain_EM = self.domain_embeddings.detach().float()
+        gate_EP, up_EP = F.linear(domain_EM, self.gate_up_proj.float()).chunk(2, dim=-1)
+        return F.linear(F.silu(gate_EP) * up_EP, self.down_proj.float())
+
+    def forward(self, h_TD: torch.Tensor) -> Routing:
+        logits_TE = F.linear(h_TD.float(), self.expert_embeddings())
+        return route(logits_TE, self.top_k, self.renormalize)
 
 
 def _contiguous_grad(grad: torch.Tensor) -> torch.Tensor:
@@ -130,6 +177,20 @@ class SwiGLUExperts(nn.Module):
         return torch.einsum("tkd,tk->td", y_TKD, gate_TK.to(y_TKD.dtype))
 
 
+class SwiGLU(nn.Module):
+    """One SwiGLU FFN with 2-D weights: the always-on shared expert (Nexus: the seed's FFN)."""
+
+    def __init__(self, config: BamConfig):
+        super().__init__()
+        d, f = config.hidden_size, config.intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(2 * f, d))
+        self.down_proj = nn.Parameter(torch.empty(d, f))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(h, self.gate_up_proj).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.down_proj)
+
+
 @dataclass
 class FFNOutput:
     y_TD: torch.Tensor
@@ -139,23 +200,32 @@ class FFNOutput:
 
 
 class MoEFFN(nn.Module):
-    """The FFN of a block: one SwiGLU when dense, else a routed mixture of SwiGLU experts."""
+    """The FFN of a block: one SwiGLU when dense, else a routed mixture of SwiGLU experts,
+    plus the always-on shared expert when the config has one.
+
+    A linear router exists only with more than one expert (one expert takes every token with gate
+    1); a Nexus router always exists, so its projection survives to the experts added later.
+    """
 
     def __init__(self, config: BamConfig):
         super().__init__()
         self.n_experts = config.n_ffn_experts
-        self.router = LinearRouter(config) if self.n_experts > 1 else None
+        if config.ffn_router == "nexus":
+            self.router = NexusRouter(config)
+        else:
+            self.router = LinearRouter(config) if self.n_experts > 1 else None
         self.experts = SwiGLUExperts(config, self.n_experts)
+        self.shared_expert = SwiGLU(config) if config.ffn_shared_expert else None
 
     def forward(self, h_BTD: torch.Tensor) -> FFNOutput:
-        h_TD = h_BTD.reshape(-1, h_BTD.shape[-1])
         if self.router is None:
-            return FFNOutput(self.experts.dense(h_BTD))
-        routing = self.router(h_TD)
-        y_TD = self.experts(h_TD, routing.expert_index_TK, routing.gate_TK)
-        return FFNOutput(
-            y_TD.view_as(h_BTD),
-            load_balancing_loss(routing.probs_TE, routing.expert_index_TK),
-            router_z_loss(routing.logits_TE),
-            routing,
-        )
+            out = FFNOutput(self.experts.dense(h_BTD))
+        else:
+            h_TD = h_BTD.reshape(-1, h_BTD.shape[-1])
+            routing = self.router(h_TD)
+            y_TD = self.experts(h_TD, routing.expert_index_TK, routing.gate_TK)
+            out = FFNOutput(y_TD.view_as(h_BTD), load_balancing_loss(routing.probs_TE, routing.expert_index_TK),
+                            router_z_loss(routing.logits_TE), routing)
+        if self.shared_expert is not None:  # always on, ungated: y = FFN_shared(h) + routed
+            out.y_TD = out.y_TD + self.shared_expert(h_BTD)
+        return out
