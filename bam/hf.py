@@ -5,7 +5,9 @@ so `bam mix`, `bam train` and `load_model` accept it directly. Each family's fea
 model cannot express are refused by name rather than silently dropped.
 
 Supported: Llama, Mistral, Qwen2 (sequential block, RMSNorm), Cohere (parallel block, LayerNorm
-without bias, interleaved RoPE, logit scale).
+without bias, interleaved RoPE, logit scale). Recognised but refused, because every checkpoint of
+these families needs something our model lacks: GPT-NeoX and Phi (a non-gated GELU MLP, LayerNorm
+and projection biases, partial rotary embeddings); the error lists each missing feature.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ from bam.errors import BamError
 SEQUENTIAL_FAMILIES = ("llama", "mistral", "qwen2")
 PARALLEL_FAMILIES = ("cohere",)
 SUPPORTED_FAMILIES = SEQUENTIAL_FAMILIES + PARALLEL_FAMILIES
+# Families we know and whose checkpoints we cannot express today (see `_missing_features`): they
+# get an error naming every missing feature instead of "model_type not supported".
+REFUSED_FAMILIES = ("gpt_neox", "phi")
 
 
 def _refuse(path: Path, family: str, feature: str) -> None:
@@ -39,9 +44,35 @@ def _rope_theta(hf: PreTrainedConfig, path: Path, family: str) -> float:
     return float(theta)
 
 
+def _missing_features(hf: PreTrainedConfig) -> list[str]:
+    """What a GPT-NeoX or Phi checkpoint needs that our block (SwiGLU, bias-free norms) lacks.
+
+    Both families always have a non-gated MLP (two matrices with biases, GELU by default),
+    LayerNorms with a bias, and a bias on the attention output; the rest depends on the config.
+    """
+    rope = getattr(hf, "rope_parameters", None) or {}
+    partial = rope.get("partial_rotary_factor", 1.0)
+    features = [f"a non-gated MLP with biases and hidden_act={hf.hidden_act!r} (bam has SwiGLU only)",
+                "LayerNorm with a bias"]
+    if hf.model_type == "gpt_neox":
+        if getattr(hf, "attention_bias", True):
+            features.append("biases on the attention projections, the output projection included")
+        if getattr(hf, "use_parallel_residual", True):
+            features.append("a parallel block with two norms (bam's parallel block shares one)")
+    else:  # phi
+        features.append("biases on the attention output projection and the LM head")
+        if getattr(hf, "qk_layernorm", False):
+            features.append("qk_layernorm=True")
+    if partial != 1.0:
+        features.append(f"partial rotary embeddings (partial_rotary_factor={partial})")
+    return features
+
+
 def translate_config(hf: PreTrainedConfig, path: Path) -> dict:
     """Our config fields for a dense HF model, or BamError naming the unsupported feature."""
     family = hf.model_type
+    if family in REFUSED_FAMILIES:
+        _refuse(path, family, "; ".join(_missing_features(hf)))
     if getattr(hf, "hidden_act", "silu") != "silu":
         _refuse(path, family, f"hidden_act={hf.hidden_act!r} (only SwiGLU with silu)")
     if getattr(hf, "mlp_bias", False):
@@ -124,7 +155,7 @@ def tensor_map(family: str, config: dict) -> dict[str, Callable[[Callable[[str],
 
 def open_hf_model(path: Path, config_dict: dict, tokenizer_dir: Path | None) -> ModelSource:
     family = config_dict.get("model_type")
-    if family not in SUPPORTED_FAMILIES:
+    if family not in SUPPORTED_FAMILIES + REFUSED_FAMILIES:
         raise BamError(f"{path}/config.json: model_type={family!r} is not supported "
                        f"(expected bam or one of {', '.join(SUPPORTED_FAMILIES)})")
     try:
