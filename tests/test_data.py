@@ -222,8 +222,8 @@ def test_optional_dependencies_missing(tmp_path, monkeypatch):
 
 
 def test_parquet_source(tmp_path):
-    pa = pytest.importorskip("pyarrow")
-    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     path = tmp_path / "docs.parquet"
     pq.write_table(pa.table({"text": ["one", None, "three"], "body": ["a", "b", "c"]}), path)
     assert list(Domain.from_spec(f"d={path}").documents()) == ["one", "three"]
@@ -233,7 +233,7 @@ def test_parquet_source(tmp_path):
 
 
 def test_saved_dataset_source(tmp_path):
-    datasets = pytest.importorskip("datasets")
+    import datasets
     splits = datasets.DatasetDict(
         {
             "train": datasets.Dataset.from_dict({"text": ["t1", "t2"]}),

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("lm_eval", reason="lm-evaluation-harness not installed (pip install 'bam[eval]')")
+import lm_eval  # noqa: E402,F401  (a test dependency: pip install -e ".[test]")
 
 from bam.checkpoint import load_model, save_model  # noqa: E402
 from bam.cli import main  # noqa: E402
