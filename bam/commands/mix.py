@@ -9,7 +9,7 @@ from pathlib import Path
 from bam import cost
 from bam.checkpoint import open_model
 from bam.errors import BamError
-from bam.mix import METHODS, PROVENANCE_NAME, mix, source_dtype
+from bam.mix import METHODS, NEXUS_METHODS, PROVENANCE_NAME, mix, source_dtype
 
 
 def register(subparsers) -> None:
@@ -30,6 +30,15 @@ def register(subparsers) -> None:
     p.add_argument("--weights", type=_weights, default=None, metavar="W1,W2,..",
                    help="weighted instead of uniform average of the shared parameters, one weight per DIR")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    nexus = p.add_argument_group(
+        "Nexus (--method nexus, nexus-bam, nexus-bam-shared): the seed DIR first (its FFN becomes the shared "
+        "expert), then one DIR per domain expert")
+    nexus.add_argument("--domain-embeddings", type=Path, metavar="FILE",
+                       help="bam embed-domains output, one vector per domain expert")
+    nexus.add_argument("--domains", metavar="A,B,..",
+                       help="the domains of the expert DIRs, in order (default: the file's order)")
+    nexus.add_argument("--nexus-hidden-dim", type=int, default=None,
+                       help="hidden width h' of the router projection (default: hidden_size)")
     p.set_defaults(func=run_mix)
 
     p = subparsers.add_parser(
@@ -52,6 +61,13 @@ def _weights(text: str) -> list[float]:
 
 
 def run_mix(args) -> int:
+    if args.method in NEXUS_METHODS:
+        from bam.commands.nexus import cmd_mix_nexus  # noqa: PLC0415
+
+        return cmd_mix_nexus(args)
+    if args.domain_embeddings or args.domains or args.nexus_hidden_dim:
+        raise BamError(f"--domain-embeddings, --domains and --nexus-hidden-dim apply to the nexus methods, "
+                       f"not {args.method}")
     sources = [open_model(d) for d in args.dirs]
     out = mix(sources, args.method, args.out, top_k=args.top_k, renormalize=args.renormalize,
               num_experts=args.num_experts, router_init_std=args.router_init_std, seed=args.seed,

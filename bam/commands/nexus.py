@@ -3,9 +3,8 @@
 Each handler turns arguments into calls of the library: bam.nexus (domain embeddings, the
 finetune after adding) and bam.mix (mix, add_expert), which the pipeline calls directly.
 
-`bam mix` itself is registered by bam/commands/mix.py; `register` below adds the Nexus options
-(--domain-embeddings, --domains, --nexus-hidden-dim) to that parser and sends the Nexus methods
-to `cmd_mix_nexus`, so every other method runs exactly as before.
+`bam mix` itself is registered by bam/commands/mix.py, which hands the Nexus methods to
+`cmd_mix_nexus` here.
 """
 
 from __future__ import annotations
@@ -23,8 +22,6 @@ from bam.errors import BamError
 def register(subparsers) -> None:
     _register_embed_domains(subparsers)
     _register_add_expert(subparsers)
-    if "mix" in subparsers.choices:
-        _extend_mix(subparsers.choices["mix"])
 
 
 def _add_data_args(p, required: bool) -> None:
@@ -247,31 +244,6 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # bam mix --method nexus | nexus-bam | nexus-bam-shared
-
-
-def _extend_mix(parser) -> None:
-    group = parser.add_argument_group(
-        "Nexus (--method nexus, nexus-bam, nexus-bam-shared): the seed DIR first (its FFN becomes the shared "
-        "expert), then one DIR per domain expert")
-    group.add_argument("--domain-embeddings", type=Path, metavar="FILE",
-                       help="bam embed-domains output, one vector per domain expert")
-    group.add_argument("--domains", metavar="A,B,..",
-                       help="the domains of the expert DIRs, in order (default: the file's order)")
-    group.add_argument("--nexus-hidden-dim", type=int, default=None,
-                       help="hidden width h' of the router projection (default: hidden_size)")
-    run_other = parser.get_default("func")
-
-    def run(args) -> int:
-        from bam.mix import NEXUS_METHODS  # noqa: PLC0415
-
-        if args.method in NEXUS_METHODS:
-            return cmd_mix_nexus(args)
-        if args.domain_embeddings or args.domains or args.nexus_hidden_dim:
-            raise BamError(f"--domain-embeddings, --domains and --nexus-hidden-dim apply to the nexus methods, "
-                           f"not {args.method}")
-        return run_other(args)
-
-    parser.set_defaults(func=run)
 
 
 def cmd_mix_nexus(args) -> int:
