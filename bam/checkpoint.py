@@ -4,14 +4,27 @@ A model directory is an ordinary Hugging Face one: config.json, model.safetensor
 model.safetensors.index.json), tokenizer files. Tensors are read lazily through safetensors'
 memory map, so mixing never holds more than the tensors it is combining. Everything we write
 appears only when complete: it is built in a temporary sibling directory and renamed into place.
+
+Every directory we write that holds weights also holds manifest.json: the size and sha256 of each
+of its files, computed inside the temporary directory before the rename. Reading verifies it:
+config.json when the model is opened, a weight file the first time one of its tensors is read
+(before that tensor is used). Opening a model and checks on names and shapes (headers) therefore
+cost no hashing, and a load reads each file twice at most (the second time from the page cache).
+Directories without a manifest (Hugging Face checkpoints from elsewhere) load as before. Weights
+are only ever read through safetensors, never unpickled.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
+import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import struct
 import tempfile
 from collections.abc import Callable, Iterator
@@ -26,6 +39,8 @@ from bam.errors import BamError
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = 1
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
@@ -49,18 +64,27 @@ class ModelSource:
 
 
 class SafetensorsFiles:
-    """Lazy access to the tensors of a directory's safetensors file(s) by name."""
+    """Lazy access to the tensors of a directory's safetensors file(s) by name.
+
+    Names and shapes come from the files' headers. With a manifest, a file is verified (size, then
+    sha256) before the first tensor is read from it, so no tensor of a corrupt file is ever used.
+    """
 
     def __init__(self, directory: Path):
+        self.directory = directory
+        self.manifest = read_manifest(directory)
+        self._verified: set[Path] = set()
         index = directory / WEIGHTS_INDEX_NAME
         if index.exists():
+            self._verify(index)
             weight_map = _read_json(index).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise BamError(f"{index}: field weight_map missing or not an object")
             self.file_of = {name: directory / file for name, file in weight_map.items()}
         elif (directory / WEIGHTS_NAME).exists():
             path = directory / WEIGHTS_NAME
-            self.file_of = {name: path for name in _safe_open(path).keys()}
+            with _safe_open(path) as f:
+                self.file_of = {name: path for name in f.keys()}
         else:
             found = ", ".join(sorted(p.name for p in directory.glob("*.bin"))) or "no weight files"
             raise BamError(f"{directory}: no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} "
@@ -73,22 +97,43 @@ class SafetensorsFiles:
         # A fresh handle per tensor: a long-lived memory map would keep every page read so far
         # resident, and peak RSS would grow with the inputs' size instead of one tensor's.
         path = self.file_of[name]
+        self._verify(path)
         try:
-            with safe_open(str(path), framework="pt") as f:
+            with _safe_open(path) as f:
                 return f.get_tensor(name)
         except (SafetensorError, RuntimeError, OSError) as err:
-            raise BamError(f"{path}: tensor {name} could not be read ({err}); the file is corrupt or truncated")
+            raise BamError(f"{path}: tensor {name} could not be read ({_first_line(err)}); "
+                           "the file is corrupt or truncated") from None
 
     def shape(self, name: str) -> tuple[int, ...]:
         with _safe_open(self.file_of[name]) as f:
             return tuple(f.get_slice(name).get_shape())
 
+    def _verify(self, path: Path) -> None:
+        if self.manifest is None or path in self._verified:
+            return
+        entry = self.manifest.get(path.relative_to(self.directory).as_posix())
+        if entry is None:
+            raise BamError(f"{path}: not listed in {self.directory / MANIFEST_NAME}, so the directory was "
+                           f"changed after it was written (delete {MANIFEST_NAME} to load it unverified)")
+        verify_file(path, entry)
+        self._verified.add(path)
+
 
 def _safe_open(path: Path):
+    """safetensors' reader; it checks the header and that the file holds every byte it declares."""
     try:
         return safe_open(str(path), framework="pt")
+    except FileNotFoundError:
+        raise BamError(f"{path}: weight file missing") from None
     except (SafetensorError, OSError, ValueError) as err:
-        raise BamError(f"{path}: not a readable safetensors file ({err})")
+        raise BamError(f"{path}: not a readable safetensors file ({_first_line(err)}); "
+                       "the file is corrupt or truncated") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _read_json(path: Path) -> dict:
@@ -96,12 +141,109 @@ def _read_json(path: Path) -> dict:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except FileNotFoundError:
-        raise BamError(f"{path}: file not found")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise BamError(f"{path}: not valid JSON ({err})")
+        raise BamError(f"{path}: file not found") from None
+    except OSError as err:
+        raise BamError(f"{path}: cannot be read ({err.strerror})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BamError(f"{path}: not valid JSON ({_first_line(err)})") from None
     if not isinstance(data, dict):
         raise BamError(f"{path}: expected a JSON object")
     return data
+
+
+# ---------------------------------------------------------------------------------------------
+# Manifests: the size and sha256 of every file of a directory we wrote
+
+_HASH_BUFFER = 1 << 20  # 1 MiB reads: as fast as larger ones, and a fixed, small buffer
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 of a file, streamed through one reused buffer (no whole-file read into memory)."""
+    digest = hashlib.sha256()
+    buffer = bytearray(_HASH_BUFFER)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            digest.update(view[:n])
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path) -> dict:
+    """Write `directory`/manifest.json listing the size and sha256 of each file directly in it.
+
+    Subdirectories are not listed: a model directory inside a checkpoint is written (and
+    manifested) on its own. Returns the file entries.
+    """
+    directory = Path(directory)
+    files = {}
+    for path in sorted(directory.iterdir()):
+        if path.is_file() and path.name != MANIFEST_NAME:
+            files[path.name] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+    manifest = {"format": MANIFEST_FORMAT, "generator": "bam", "files": files}
+    (directory / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return files
+
+
+def read_manifest(directory: Path) -> dict[str, dict] | None:
+    """File name -> {"size", "sha256"} from `directory`/manifest.json; None when there is none.
+
+    A manifest.json that parses but is not ours (no "generator": "bam") is ignored, so a foreign
+    file of that name cannot make a checkpoint unloadable; one of ours that is damaged is an error.
+    """
+    path = Path(directory) / MANIFEST_NAME
+    if not path.exists():
+        return None
+    data = _read_json(path)
+    if data.get("generator") != "bam":
+        return None
+    files = data.get("files")
+    if data.get("format") != MANIFEST_FORMAT or not isinstance(files, dict):
+        raise BamError(f"{path}: format {data.get('format')!r} unknown or field files missing "
+                       f"(expected format {MANIFEST_FORMAT})")
+    for name, entry in files.items():
+        if not (isinstance(entry, dict) and isinstance(entry.get("size"), int)
+                and isinstance(entry.get("sha256"), str) and len(entry["sha256"]) == 64):
+            raise BamError(f"{path}: entry {name!r} is not {{size, sha256}}; the manifest is damaged")
+    return files
+
+
+def verify_file(path: Path, entry: dict) -> None:
+    """BamError naming `path` unless it has the manifest entry's size and sha256."""
+    if not path.exists():
+        raise BamError(f"{path}: listed in {MANIFEST_NAME} but missing")
+    if not path.is_file():
+        raise BamError(f"{path}: expected a file (listed in {MANIFEST_NAME})")
+    size = path.stat().st_size
+    if size != entry["size"]:
+        raise BamError(f"{path}: {size} bytes where {MANIFEST_NAME} says {entry['size']}: "
+                       "the file is truncated or was modified")
+    actual = sha256_file(path)
+    if actual != entry["sha256"]:
+        raise BamError(f"{path}: sha256 mismatch (expected {entry['sha256']}, got {actual}): "
+                       "the file is corrupt or was modified")
+
+
+def verify_manifest(directory: Path, names: list[str] | None = None) -> bool:
+    """Check the files manifest.json lists (only those among `names`, if given).
+
+    Returns False when the directory has no manifest (nothing to check); BamError names the first
+    file that does not match. A name in `names` that the manifest does not list is an error too:
+    the caller relies on that file, and it was not part of what was written.
+    """
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    if manifest is None:
+        return False
+    for name in manifest if names is None else names:
+        if name not in manifest:
+            raise BamError(f"{directory / name}: not listed in {directory / MANIFEST_NAME}, so the directory "
+                           f"was changed after it was written (delete {MANIFEST_NAME} to load it unverified)")
+        verify_file(directory / name, manifest[name])
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Opening and loading
 
 
 def read_config_dict(path: Path) -> dict:
@@ -112,11 +254,18 @@ def read_config_dict(path: Path) -> dict:
         raise BamError(f"{path}: expected a model directory (config.json + safetensors weights)")
     if not (path / "config.json").exists():
         raise BamError(f"{path}: not a model directory (no config.json)")
+    manifest = read_manifest(path)
+    if manifest is not None and "config.json" in manifest:  # small: checked at once, not lazily
+        verify_file(path / "config.json", manifest["config.json"])
     return _read_json(path / "config.json")
 
 
 def open_model(path: str | Path) -> ModelSource:
-    """Open one of our checkpoints or a supported Hugging Face dense checkpoint (see bam/hf.py)."""
+    """Open one of our checkpoints or a supported Hugging Face dense checkpoint (see bam/hf.py).
+
+    Reads config.json and the weights' headers only; each weight file is verified against the
+    directory's manifest (if any) when its first tensor is read.
+    """
     path = Path(path)
     config_dict = read_config_dict(path)
     model_type = config_dict.get("model_type")
@@ -131,12 +280,29 @@ def open_model(path: str | Path) -> ModelSource:
 
 
 def config_from_dict(config_dict: dict, where: Path | str) -> BamConfig:
+    """A validated BamConfig from a config file's fields; BamError names `where` and the field."""
+    _check_head_split(config_dict, where)
     try:
         return BamConfig.from_dict(dict(config_dict))
     except BamError as err:
-        raise BamError(f"{where}: {err}")
+        raise BamError(f"{where}: {err}") from None
     except (TypeError, ValueError) as err:
-        raise BamError(f"{where}: invalid config ({err})")
+        raise BamError(f"{where}: invalid config ({_first_line(err)})") from None
+
+
+def _check_head_split(fields: dict, where: Path | str) -> None:
+    """Without an explicit head_dim, the heads must divide the width.
+
+    BamConfig derives head_dim = hidden_size // num_attention_heads and would silently build
+    attention narrower than the model (64 wide, 5 heads -> 5 x 12 = 60). Files we write always
+    carry head_dim, so this only ever refuses hand-written configs. (The rule belongs in
+    BamConfig.validate; it is here so that every config read from a file gets it.)
+    """
+    hidden, heads = fields.get("hidden_size"), fields.get("num_attention_heads")
+    if fields.get("head_dim") is None and isinstance(hidden, int) and isinstance(heads, int) \
+            and hidden > 0 and heads > 0 and hidden % heads:
+        raise BamError(f"{where}: config field num_attention_heads={heads}: expected a divisor of "
+                       f"hidden_size={hidden} (or set head_dim explicitly)")
 
 
 def expected_tensor_names(config: BamConfig) -> list[str]:
@@ -178,31 +344,130 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
 
 
 @contextlib.contextmanager
-def atomic_output_dir(out: str | Path, overwrite: bool = False, keep_existing: bool = False) -> Iterator[Path]:
+def atomic_output_dir(out: str | Path, overwrite: bool = False, keep_existing: bool = False,
+                      manifest: bool | None = None) -> Iterator[Path]:
     """Yield a temporary directory beside `out`; it becomes `out` only if the block succeeds.
 
     A reader sees no directory or a complete one, never a half-written one. On any error (or
-    KeyboardInterrupt) the temporary directory is removed and an existing `out` is left as it was.
-    If `out` exists: an error by default; `overwrite` swaps it out by renames; `keep_existing`
-    keeps it and discards the new one (content-addressed caches, where two processes racing to
-    build one entry build identical ones).
+    KeyboardInterrupt) the temporary directory is removed, and so are parent directories this
+    call created; an existing `out` is left as it was. If `out` exists: an error by default;
+    `overwrite` swaps it out by renames; `keep_existing` keeps it and discards the new one
+    (content-addressed caches, where two processes racing to build one entry build identical ones).
+
+    `manifest`: write manifest.json (size and sha256 of each file) into the finished directory
+    before it is renamed into place. The default, None, means "when it holds *.safetensors files":
+    every model directory and checkpoint gets one whoever writes it (save_model, mix, export, the
+    trainer), with no flag to forget; caches, tokenizers and reports, which are not read back as
+    weights, skip the hashing.
+
+    Running out of disk space while the block writes becomes a one-line BamError naming `out`.
     """
     out = Path(out)
     if out.exists() and not (overwrite or keep_existing):
         raise BamError(f"{out}: output already exists (choose another path or pass --overwrite)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    created = _missing_ancestors(out.parent)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(out)
+        tmp = Path(tempfile.mkdtemp(prefix=_temporary_prefix(out), dir=out.parent))
+    except OSError as err:
+        _remove_empty(created)
+        clear = _write_error(err, out)
+        if clear is not None:
+            raise clear  # its __cause__ is the original error
+        raise
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private (0700); the result is an ordinary directory
     try:
         yield tmp
+        if manifest or (manifest is None and any(tmp.glob("*.safetensors"))):
+            write_manifest(tmp)
         _fsync_tree(tmp)
         _publish(tmp, out, keep_existing)
         _fsync_dir(out.parent)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)
+        clear = _write_error(err, out)
+        if clear is not None:
+            raise clear  # its __cause__ is the original error
         raise
+
+
+# errno values that mean "the disk (or quota, or file-size limit) cannot take these bytes".
+_OUT_OF_SPACE = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                 errno.EFBIG: "file-size limit reached"}
+
+
+def _write_error(err: BaseException, out: Path) -> BamError | None:
+    """A one-line BamError for a write that failed for lack of space (caused by the original
+    error); None for anything else.
+
+    Python raises OSError with the errno; safetensors' Rust writer raises SafetensorError whose
+    message ends with "(os error N)". When atomic outputs nest (a checkpoint's model directory, a
+    pipeline stage's model), the inner one's error is renamed after the outer `out`: the path the
+    user knows, where the inner one lived in a temporary directory that no longer exists.
+    """
+    if isinstance(err, BamError) and err.__cause__ is not None:
+        err = err.__cause__  # an inner atomic_output_dir's error: its cause is the original one
+    code = getattr(err, "errno", None) if isinstance(err, OSError) else None
+    if isinstance(err, SafetensorError):
+        code = next((c for c in _OUT_OF_SPACE if f"(os error {c})" in str(err)), None)
+    if code not in _OUT_OF_SPACE:
+        return None
+    error = BamError(f"{_OUT_OF_SPACE[code]} while writing {out} (the partial output was removed; "
+                     "free some space and run again)")
+    error.__cause__ = err
+    return error
+
+
+def _temporary_prefix(out: Path) -> str:
+    # Hidden, named after `out`, and owned: which process on which machine is writing it.
+    return f".{out.name}.tmp-{os.getpid()}@{socket.gethostname()}-"
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Delete temporary directories of `out` left by killed processes on this machine.
+
+    A process killed mid-write leaves its hidden temporary directory behind; the next write of
+    the same output removes it. Only directories whose owner is on this host and no longer
+    running are removed: a live writer's (another rank, a racing cache build) is never touched,
+    and neither is one from another machine sharing the file system.
+    """
+    host = socket.gethostname()
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.tmp-(\d+)@(.+)-[^-]+$")
+    for path in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):
+        match = pattern.match(path.name)
+        if match and match.group(2) == host and not _process_alive(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def _missing_ancestors(directory: Path) -> list[Path]:
+    """`directory` and its ancestors that do not exist yet, deepest first."""
+    missing = []
+    while not directory.exists() and directory != directory.parent:
+        missing.append(directory)
+        directory = directory.parent
+    return missing
+
+
+def _remove_empty(directories: list[Path]) -> None:
+    for directory in directories:  # deepest first; stops at the first one something else filled
+        try:
+            directory.rmdir()
+        except OSError:
+            return
 
 
 def _publish(tmp: Path, out: Path, keep_existing: bool) -> None:
@@ -292,7 +557,9 @@ class StreamingSafetensorsWriter:
         if exc_type is None:
             self.close()
         else:
-            self.file.close()
+            # Flushing may fail the same way the write did (a full disk): keep the first error.
+            with contextlib.suppress(OSError):
+                self.file.close()
 
 
 def copy_tokenizer(src: Path | None, dst: Path) -> None:

@@ -30,6 +30,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -43,7 +44,15 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from bam.checkpoint import WEIGHTS_INDEX_NAME, atomic_output_dir, load_model, save_model
+from bam.checkpoint import (
+    WEIGHTS_INDEX_NAME,
+    atomic_output_dir,
+    load_model,
+    open_model,
+    save_model,
+    sha256_file,
+    verify_manifest,
+)
 from bam.data import Domain, DomainSpec, MixtureSampler, TokenizedDomain, parse_domain_spec, prepare_domain
 from bam.errors import BamError
 from bam.evaluate import autocast_for, evaluate_domains
@@ -337,14 +346,6 @@ MATH_FIELDS = ("max_steps", "batch_size", "seq_len", "lr", "warmup", "min_lr_rat
                "clip", "seed", "aux_loss_coef", "z_loss_coef", "train_only")
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def model_fingerprint(model_dir: Path) -> str:
     """sha256 over config.json and every weight file: the identity of the starting model."""
     digest = hashlib.sha256()
@@ -515,6 +516,18 @@ def last_good_checkpoint(out: Path) -> Path | None:
     return (good or [path for _, path in found] or [None])[-1]
 
 
+def verify_checkpoint(path: Path) -> None:
+    """Check a checkpoint's files against its manifests before resuming from it.
+
+    The model directory inside is verified when it is loaded; here the trainer state, optimizer
+    and RNG files. Checkpoints written before manifests existed have none and are taken as they are.
+    """
+    try:
+        verify_manifest(path, [TRAINER_STATE, OPTIMIZER_TENSORS, RNG_TENSORS])
+    except BamError as err:
+        raise BamError(f"{err} (delete {path} to resume from the checkpoint before it)") from None
+
+
 def read_trainer_state(path: Path) -> dict:
     try:
         return json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
@@ -671,8 +684,8 @@ def validate(run: Run) -> dict:
     return {name: {"loss": s.loss, "ppl": s.ppl, "bpb": s.bpb} for name, s in scores.items()}
 
 
-def check_shapes(cfg: TrainConfig, model, domains: list[TokenizedDomain], env: Dist, tokenizer) -> None:
-    config = model.config
+def check_settings(cfg: TrainConfig, config, env: Dist, tokenizer, tokenizer_dir: Path | None) -> None:
+    """What can be checked from the settings and the model's config alone: before any tokenizing."""
     if cfg.seq_len > config.max_position_embeddings:
         raise BamError(f"--seq-len {cfg.seq_len} is beyond the model's context "
                        f"(max_position_embeddings={config.max_position_embeddings})")
@@ -680,7 +693,13 @@ def check_shapes(cfg: TrainConfig, model, domains: list[TokenizedDomain], env: D
         raise BamError(f"--batch-size {cfg.batch_size}: must divide evenly into {env.world_size} ranks "
                        f"x {cfg.grad_accum} micro-batches")
     if tokenizer is not None and len(tokenizer) > config.vocab_size:
-        raise BamError(f"tokenizer has {len(tokenizer)} tokens, more than the model's vocab_size={config.vocab_size}")
+        # Token ids >= vocab_size would index past the embedding table: refuse before training.
+        raise BamError(f"tokenizer {tokenizer_dir} has {len(tokenizer)} tokens, more than the model's "
+                       f"vocab_size={config.vocab_size}; its ids would fall outside the embedding table")
+
+
+def check_domains(cfg: TrainConfig, config, domains: list[TokenizedDomain]) -> None:
+    """What the prepared data must satisfy: ids inside the vocabulary, text to validate on."""
     for d in domains:
         if d.vocab_size > config.vocab_size:
             raise BamError(f"domain '{d.name}': tokenized with a {d.vocab_size}-token vocabulary, "
@@ -721,13 +740,17 @@ def _train(cfg: TrainConfig, env: Dist) -> Path:
     torch.manual_seed(cfg.seed)  # same seed on every rank: no rank-dependent randomness
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
+    config = open_model(cfg.model).config  # a missing or broken model fails before any data work
     tokenizer, tokenizer_dir = _tokenizer_for(cfg)
+    check_settings(cfg, config, env, tokenizer, tokenizer_dir)
     domains, weights = prepare_domains(cfg, tokenizer, env)
+    check_domains(cfg, config, domains)
     fingerprint = run_fingerprint(cfg, domains, weights)
 
     start, trainer, checkpoint = 0, None, None
     if cfg.resume and complete_checkpoints(out):
         start, checkpoint = complete_checkpoints(out)[-1]
+        verify_checkpoint(checkpoint)
         trainer = read_trainer_state(checkpoint)
         diff = first_difference(trainer.get("fingerprint"), fingerprint)
         if diff:
@@ -740,7 +763,6 @@ def _train(cfg: TrainConfig, env: Dist) -> Path:
         model.config.router_aux_loss_coef = cfg.aux_loss_coef
     if cfg.z_loss_coef is not None:
         model.config.router_z_loss_coef = cfg.z_loss_coef
-    check_shapes(cfg, model, domains, env, tokenizer)
     set_trainable(model, cfg.train_only)
     model.to(env.device).train()
     wrapped = wrap_model(model, cfg, env)
@@ -789,6 +811,9 @@ def _loop(run: Run, sampler: MixtureSampler, start: int, log: MetricsLog) -> Non
             if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.max_steps):
                 record["val"] = validate(run)
             log.write(record)
+            if record.get("skipped") and env.is_main:
+                bar.write(f"bam train: step {done} skipped ({record['reason']}); "
+                          f"{run.bad_steps} in a row, at most {cfg.max_bad_steps} allowed", file=sys.stderr)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
             if run.bad_steps > cfg.max_bad_steps:

@@ -7,7 +7,6 @@ Each handler turns parsed arguments into a call of the library function that doe
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -97,21 +96,24 @@ def parse_expert_names(spec: str) -> list[str]:
     return names
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def branch(seed: str | Path, experts: list[str], out: str | Path) -> Path:
     """DIR/<domain>/ for every expert (each a full model directory) and DIR/branch.json, atomically.
 
-    Our own checkpoints are copied byte for byte; an imported Hugging Face seed is converted once
-    to our format and that is copied, so every expert loads the same way.
+    Our own checkpoints are copied byte for byte (after checking the seed against its manifest,
+    so a corrupt seed is not multiplied); an imported Hugging Face seed is converted once to our
+    format and that is copied, so every expert loads the same way. Each expert directory gets its
+    own manifest.
     """
-    from bam.checkpoint import atomic_output_dir, load_model, open_model, save_model  # noqa: PLC0415
+    from bam.checkpoint import (  # noqa: PLC0415
+        MANIFEST_NAME,
+        atomic_output_dir,
+        load_model,
+        open_model,
+        save_model,
+        sha256_file,
+        verify_manifest,
+        write_manifest,
+    )
 
     seed = Path(seed)
     source = open_model(seed)
@@ -119,16 +121,19 @@ def branch(seed: str | Path, experts: list[str], out: str | Path) -> Path:
     manifest = {
         "format": 1,
         "seed": {"path": str(seed.resolve()), "family": source.family,
-                 "sha256": {name: _sha256(seed / name) for name in weight_files}},
+                 "sha256": {name: sha256_file(seed / name) for name in weight_files}},
         "experts": {name: {"path": name} for name in experts},
     }
     with atomic_output_dir(out) as tmp:
         first = tmp / experts[0]
         if source.family == "bam":
+            verify_manifest(seed)
             first.mkdir()
             for path in sorted(seed.iterdir()):
-                if path.is_file() and not path.name.startswith(".") and path.suffix in MODEL_FILE_SUFFIXES:
+                if (path.is_file() and not path.name.startswith(".") and path.suffix in MODEL_FILE_SUFFIXES
+                        and path.name != MANIFEST_NAME):
                     shutil.copy2(path, first / path.name)
+            write_manifest(first)
         else:
             save_model(load_model(seed), first, source.tokenizer_dir)
         for name in experts[1:]:
@@ -251,10 +256,14 @@ def cmd_eval(args) -> int:
     from bam.train import default_cache_dir  # noqa: PLC0415
 
     model = load_model(args.model)
+    context = model.config.max_position_embeddings
+    if args.seq_len is not None and args.seq_len > context:  # refused before any tokenizing
+        raise BamError(f"--seq-len {args.seq_len} is beyond the model's context (max_position_embeddings={context})")
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     if len(tokenizer) > model.config.vocab_size:
-        raise BamError(f"tokenizer has {len(tokenizer)} tokens, more than the model's "
-                       f"vocab_size={model.config.vocab_size}")
+        # Token ids >= vocab_size would index past the embedding table.
+        raise BamError(f"tokenizer {args.tokenizer or args.model} has {len(tokenizer)} tokens, more than the "
+                       f"model's vocab_size={model.config.vocab_size}")
     cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     domains = [prepare_domain(spec, tokenizer, cache, args.val_fraction, args.test_fraction) for spec in args.data]
     names = [d.name for d in domains]
