@@ -281,28 +281,12 @@ def open_model(path: str | Path) -> ModelSource:
 
 def config_from_dict(config_dict: dict, where: Path | str) -> BamConfig:
     """A validated BamConfig from a config file's fields; BamError names `where` and the field."""
-    _check_head_split(config_dict, where)
     try:
         return BamConfig.from_dict(dict(config_dict))
     except BamError as err:
         raise BamError(f"{where}: {err}") from None
     except (TypeError, ValueError) as err:
         raise BamError(f"{where}: invalid config ({_first_line(err)})") from None
-
-
-def _check_head_split(fields: dict, where: Path | str) -> None:
-    """Without an explicit head_dim, the heads must divide the width.
-
-    BamConfig derives head_dim = hidden_size // num_attention_heads and would silently build
-    attention narrower than the model (64 wide, 5 heads -> 5 x 12 = 60). Files we write always
-    carry head_dim, so this only ever refuses hand-written configs. (The rule belongs in
-    BamConfig.validate; it is here so that every config read from a file gets it.)
-    """
-    hidden, heads = fields.get("hidden_size"), fields.get("num_attention_heads")
-    if fields.get("head_dim") is None and isinstance(hidden, int) and isinstance(heads, int) \
-            and hidden > 0 and heads > 0 and hidden % heads:
-        raise BamError(f"{where}: config field num_attention_heads={heads}: expected a divisor of "
-                       f"hidden_size={hidden} (or set head_dim explicitly)")
 
 
 def expected_tensor_names(config: BamConfig) -> list[str]:

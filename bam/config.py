@@ -94,6 +94,9 @@ class BamConfig(PreTrainedConfig):
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None and self.num_attention_heads > 0:
+            if self.hidden_size % self.num_attention_heads:
+                raise BamError(f"config field num_attention_heads={self.num_attention_heads}: expected a divisor "
+                               f"of hidden_size={self.hidden_size} (or set head_dim explicitly)")
             self.head_dim = self.hidden_size // self.num_attention_heads
         super().__post_init__(**kwargs)
         self.validate()

@@ -24,7 +24,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import ModelOutput
 
 from bam.config import BamConfig
-from bam.moe import LinearRouter, MoEFFN, NexusRouter, SwiGLU, SwiGLUExperts
+from bam.moe import fp32_linear, LinearRouter, MoEFFN, NexusRouter, SwiGLU, SwiGLUExperts
 
 
 class Norm(nn.Module):
@@ -107,7 +107,7 @@ class MixtureOfAttention(nn.Module):
         self.router = nn.Linear(d, self.n_experts, bias=False) if self.n_experts > 1 else None
 
     def gates(self, h_BTD: torch.Tensor) -> torch.Tensor:
-        probs_BTN = F.linear(h_BTD.float(), self.router.weight.float()).softmax(dim=-1)
+        probs_BTN = fp32_linear(h_BTD, self.router.weight).softmax(dim=-1)
         if self.routing == "topk":  # ablation only: METHOD.md 3.2 says soft routing is essential
             top_BTK, index_BTK = probs_BTN.topk(self.top_k, dim=-1)
             probs_BTN = torch.zeros_like(probs_BTN).scatter(-1, index_BTK, top_BTK / top_BTK.sum(-1, keepdim=True))

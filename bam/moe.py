@@ -75,7 +75,7 @@ class LinearRouter(nn.Module):
         self.weight = nn.Parameter(torch.empty(config.n_ffn_experts, config.hidden_size))
 
     def forward(self, h_TD: torch.Tensor) -> Routing:
-        logits_TE = F.linear(h_TD.float(), self.weight.float())
+        logits_TE = fp32_linear(h_TD, self.weight)
         return route(logits_TE, self.top_k, self.renormalize)
 
 
@@ -103,13 +103,19 @@ class NexusRouter(nn.Module):
 
     def expert_embeddings(self) -> torch.Tensor:
         """e_i for every expert, [E, D] in fp32: computed once per forward, for all tokens."""
-        domain_EM = self.domain_embeddings.detach().float()
-        gate_EP, up_EP = F.linear(domain_EM, self.gate_up_proj.float()).chunk(2, dim=-1)
-        return F.linear(F.silu(gate_EP) * up_EP, self.down_proj.float())
+        gate_EP, up_EP = fp32_linear(self.domain_embeddings.detach(), self.gate_up_proj).chunk(2, dim=-1)
+        return fp32_linear(F.silu(gate_EP) * up_EP, self.down_proj)
 
     def forward(self, h_TD: torch.Tensor) -> Routing:
-        logits_TE = F.linear(h_TD.float(), self.expert_embeddings())
+        logits_TE = fp32_linear(h_TD, self.expert_embeddings())
         return route(logits_TE, self.top_k, self.renormalize)
+
+
+def fp32_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T in fp32 even under autocast: router logits, their softmax and the z-loss are
+    where bf16's 8-bit mantissa flips expert choices and overflows exp()."""
+    with torch.autocast(x.device.type, enabled=False):
+        return F.linear(x.float(), weight.float())
 
 
 def _contiguous_grad(grad: torch.Tensor) -> torch.Tensor:

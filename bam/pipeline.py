@@ -181,8 +181,11 @@ class Stages:
 
     @staticmethod
     def done(directory: Path) -> dict | None:
-        marker = directory / "done.json"
-        return json.loads(marker.read_text()) if marker.exists() else None
+        """The stage's record, or None if it has not finished (a torn marker counts as unfinished)."""
+        try:
+            return json.loads((directory / "done.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
 
     @staticmethod
     def finish(directory: Path, info: dict) -> dict:
@@ -414,7 +417,6 @@ def routing_statistics(model, domains: list[TokenizedDomain], seq_len: int, batc
 
 def run_study(settings: StudySettings, out: Path, title: str = "bam run") -> dict:
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     study = Study(settings, out)
     study.prepare_data()
     per_seed: dict[str, dict] = {}  # model name -> {"seeds": [...], "evals": [...], ...}

@@ -156,10 +156,12 @@ class TrainConfig:
 
 TRAIN_GROUPS: dict[str, tuple[str, ...]] = {
     "all": ("*",),
-    "routers": ("*.router.weight",),  # FFN and attention routers: the usual post-mix warm-up
-    "ffn_routers": ("*.ffn.router.weight",),
+    # FFN and attention routers, the usual post-mix warm-up; a Nexus router's trainable part is its
+    # projection (its domain embeddings stay fixed, see FIXED_PATTERNS).
+    "routers": ("*.router.weight", "*.ffn.router.gate_up_proj", "*.ffn.router.down_proj"),
+    "ffn_routers": ("*.ffn.router.weight", "*.ffn.router.gate_up_proj", "*.ffn.router.down_proj"),
     "attn_routers": ("*.attn.router.weight",),
-    "experts": ("*.ffn.experts.*",),  # the FFN experts' SwiGLU weights
+    "experts": ("*.ffn.experts.*", "*.ffn.shared_expert.*"),  # the FFN experts' SwiGLU weights
     "attention": ("*.attn.q_proj.*", "*.attn.k_proj.*", "*.attn.v_proj.*", "*.attn.o_proj.*"),
     "embeddings": ("model.embed_tokens.weight", "lm_head.weight"),
     "norms": ("*norm.weight",),
@@ -167,7 +169,10 @@ TRAIN_GROUPS: dict[str, tuple[str, ...]] = {
 
 # No weight decay on norms and biases (nanoGPT/LLaMA convention) nor on routers: decay pulls
 # router weights to zero, i.e. towards uniform routing, which fights the experts' specialisation.
-NO_DECAY_PATTERNS = ("*norm.weight", "*.bias", "*.router.weight")
+NO_DECAY_PATTERNS = ("*norm.weight", "*.bias", "*.router.weight", "*.ffn.router.gate_up_proj",
+                     "*.ffn.router.down_proj")
+# Never trained: a Nexus expert's domain embedding is a fixed description of its data (METHOD.md 3.3).
+FIXED_PATTERNS = ("*.ffn.router.domain_embeddings",)
 
 
 def select_patterns(spec: str) -> tuple[str, ...]:
@@ -192,7 +197,7 @@ def set_trainable(model, spec: str) -> list[str]:
     patterns = select_patterns(spec)
     trainable = []
     for name, param in model.named_parameters():
-        param.requires_grad_(matches(name, patterns))
+        param.requires_grad_(matches(name, patterns) and not matches(name, FIXED_PATTERNS))
         if param.requires_grad:
             trainable.append(name)
     if not trainable:

@@ -756,10 +756,6 @@ def test_a_skipped_step_is_reported_on_stderr_and_in_the_metrics(assets, tmp_pat
     assert [(r["step"], r["reason"]) for r in skipped] == [(3, "non-finite loss")]
 
 
-@pytest.mark.xfail(strict=True, reason="bam/moe.py LinearRouter/NexusRouter.forward and bam/model.py "
-                                       "MixtureOfAttention.gates compute router logits inside autocast, so they "
-                                       "come out bf16 on GPU; they need torch.autocast(..., enabled=False) "
-                                       "around the fp32 matmul (remove this mark then)")
 def test_router_logits_and_z_loss_stay_fp32_under_autocast():
     """Training runs under bf16 autocast on GPU; CPU autocast applies the same casting rules."""
     from bam.moe import MoEFFN

@@ -159,8 +159,8 @@ def cmd_branch(args) -> int:
 # bam train
 
 
-def _add_data_args(p, what: str) -> None:
-    p.add_argument("--data", required=True, nargs="+", action="extend", metavar="NAME=PATH[:WEIGHT]",
+def _add_data_args(p, what: str, required: bool = True) -> None:
+    p.add_argument("--data", required=required, nargs="+", action="extend", default=[], metavar="NAME=PATH[:WEIGHT]",
                    help=f"{what}: a text file, directory, glob, .jsonl, .parquet or hf:DATASET; "
                         "PATH#FIELD picks the text field")
     p.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (default: the model's own)")
@@ -236,13 +236,17 @@ def _register_eval(subparsers) -> None:
     p = subparsers.add_parser("eval", help="per-domain perplexity and bits per byte",
                               description="Perplexity and bits per byte of MODEL on each domain's held-out split.")
     p.add_argument("model", metavar="MODEL", help="model directory")
-    _add_data_args(p, "evaluation domains")
+    _add_data_args(p, "evaluation domains", required=False)
     p.add_argument("--split", choices=("validation", "test", "all"), default="validation",
                    help="held-out split, or all documents (for files held out by hand)")
     p.add_argument("--seq-len", type=int, default=None, help="window length (default: min(context, 1024))")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=None, help="cap on scored tokens per domain")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    tasks = p.add_argument_group("downstream tasks through lm-evaluation-harness (pip install 'bam[eval]')")
+    tasks.add_argument("--tasks", metavar="T1,T2", help="lm-eval task names, e.g. hellaswag or a local YAML task")
+    tasks.add_argument("--include-path", metavar="DIR", help="directory of local lm-eval task YAML files")
+    tasks.add_argument("--limit", type=int, default=None, help="examples per task (for a quick look)")
     p.set_defaults(func=cmd_eval)
 
 
@@ -255,6 +259,16 @@ def cmd_eval(args) -> int:
     from bam.tokenizer import load_tokenizer  # noqa: PLC0415
     from bam.train import default_cache_dir  # noqa: PLC0415
 
+    if not args.data and not args.tasks:
+        raise BamError("give --data NAME=PATH ... (perplexity) and/or --tasks T1,T2 (lm-eval)")
+    if args.tasks:
+        from bam.lm_eval_glue import format_results, run_lm_eval  # noqa: PLC0415
+
+        results = run_lm_eval(args.model, args.tasks.split(","), include_path=args.include_path,
+                              limit=args.limit, batch_size=args.batch_size)
+        print(json.dumps(results["results"], default=str) if args.json else format_results(results))
+        if not args.data:
+            return 0
     model = load_model(args.model)
     context = model.config.max_position_embeddings
     if args.seq_len is not None and args.seq_len > context:  # refused before any tokenizing
