@@ -280,9 +280,9 @@ class BamForCausalLM(BamPreTrainedModel, GenerationMixin):
             aux_loss = self.config.router_aux_loss_coef * lb_loss + self.config.router_z_loss_coef * z_loss
         loss = lm_loss = None
         if labels is not None:
-            lm_loss = F.cross_entropy(
-                logits_BTV[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
-            )
+            # Shift the labels, not the logits: slicing the logits would copy the largest tensor.
+            next_token_BT = F.pad(labels[:, 1:], (0, 1), value=-100)
+            lm_loss = F.cross_entropy(logits_BTV.flatten(0, 1).float(), next_token_BT.flatten(), ignore_index=-100)
             loss = lm_loss if aux_loss is None else lm_loss + aux_loss
         return BamOutput(loss=loss, logits=logits_BTV, past_key_values=cache, lm_loss=lm_loss,
                          aux_loss=aux_loss, load_balancing_loss=lb_loss, z_loss=z_loss,
