@@ -16,23 +16,13 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
+from bam.commands.train import _add_data_args
 from bam.errors import BamError
 
 
 def register(subparsers) -> None:
     _register_embed_domains(subparsers)
     _register_add_expert(subparsers)
-
-
-def _add_data_args(p, required: bool) -> None:
-    """The same data options as `bam train`: equal split fractions select the same train documents."""
-    p.add_argument("--data", required=required, nargs="+", action="extend", default=[], metavar="NAME=PATH",
-                   help="domains: a text file, directory, glob, .jsonl, .parquet or hf:DATASET")
-    p.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (default: the model's own)")
-    p.add_argument("--cache-dir", metavar="DIR", help="tokenized-shard cache (default $BAM_CACHE or "
-                                                     "~/.cache/bam/tokens)")
-    p.add_argument("--val-fraction", type=float, default=0.05, help="documents held out for validation")
-    p.add_argument("--test-fraction", type=float, default=0.0, help="documents held out for test")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -49,7 +39,7 @@ def _register_embed_domains(subparsers) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("model", nargs="?", metavar="MODEL",
                    help="model whose hidden states are averaged (omit with --sentence-model)")
-    _add_data_args(p, required=True)
+    _add_data_args(p, "domains to embed")
     p.add_argument("--out", required=True, metavar="FILE", help="output: FILE.json or FILE.safetensors")
     p.add_argument("--sentence-model", metavar="DIR",
                    help="local sentence-transformers / Hugging Face encoder directory (no download)")
@@ -107,7 +97,7 @@ def _register_add_expert(subparsers) -> None:
     p.add_argument("moe", metavar="MOE", help="the mixture (a bam mix / bam train output)")
     p.add_argument("new", metavar="NEW_DENSE", help="the new domain's dense expert")
     p.add_argument("--domain", required=True, metavar="NAME", help="the new expert's domain (its --data name)")
-    _add_data_args(p, required=False)
+    _add_data_args(p, "finetuning domains", required=False)
     p.add_argument("--out", required=True, type=Path, metavar="OUT", help="output model directory")
     p.add_argument("--embedding", metavar="FILE", help="take the new domain's embedding from this "
                                                        "bam embed-domains file instead of computing it")
