@@ -6,6 +6,12 @@ it depends on (its settings and its inputs' stage names), complete when it holds
     corpus -> tokenizer -> shards -> seed -> experts (continued pretraining, one per domain)
            -> mix (one per method) -> mixture training (data- and compute-matched) -> eval -> report
 
+With `add_expert` set (the demo sets it), the study also runs Nexus's extension experiment
+(METHOD.md 3.3): one expert domain is held out of a Nexus mixture, which is trained on the
+other domains; the held-out domain's expert is then added with `add_expert` and briefly finetuned,
+once keeping the Nexus router and once with a new linear router, and both are compared with the
+mixture before adding and with the dense expert alone.
+
 Killing the run at any moment loses at most the work since the last checkpoint: finished stages
 are found by name and skipped, a training stage resumes from its last checkpoint bit-identically
 (bam/train.py), everything else is written atomically. The same settings therefore reproduce the
@@ -31,14 +37,16 @@ from bam.cost import flops_per_token, summarize
 from bam.data import Domain, TokenizedDomain, document_split, iter_eval_batches, prepare_domain
 from bam.errors import BamError
 from bam.evaluate import evaluate_domains
-from bam.mix import mix
+from bam.mix import add_expert, mix
 from bam.model import BamForCausalLM
+from bam.nexus import DomainEmbeddings, EmbeddingSource, embed_domains, finetune_weights
 from bam.presets import build_config, preset_fields
 from bam.report import write_report
 from bam.tokenizer import load_tokenizer, train_tokenizer
 from bam.train import TrainConfig, train
 
 MOE_METHODS = ("btx", "bam", "bam-shared")
+ADD_EXPERT_METHODS = ("nexus", "nexus-bam", "nexus-bam-shared")
 METHOD_LABELS = {"btx": "BTX", "bam": "BAM KV experts", "bam-shared": "BAM KV sharing"}
 BUILTIN = "builtin"
 
@@ -74,6 +82,24 @@ class TrainSettings:
 
 
 @dataclass
+class AddExpertSettings:
+    """Nexus's extension experiment: hold `domain` out of a `method` mixture, then add its expert."""
+
+    domain: str = "legal"
+    method: str = "nexus"
+    finetune: TrainSettings = field(default_factory=lambda: TrainSettings(steps=50))
+    embed_max_tokens: int = 65536  # tokens of each domain's train split the seed embeds
+
+    def __post_init__(self):
+        if not isinstance(self.finetune, TrainSettings):
+            self.finetune = _from_dict(TrainSettings, self.finetune, "add_expert.finetune")
+        if self.method not in ADD_EXPERT_METHODS:
+            raise BamError(f"add_expert.method={self.method!r}: expected one of {', '.join(ADD_EXPERT_METHODS)}")
+        if not isinstance(self.embed_max_tokens, int) or self.embed_max_tokens <= 0:
+            raise BamError(f"add_expert.embed_max_tokens={self.embed_max_tokens!r}: expected a positive integer")
+
+
+@dataclass
 class StudySettings:
     """Everything a study depends on. The built-in demo is one of these (see DEMO_PRESETS)."""
 
@@ -101,12 +127,15 @@ class StudySettings:
     eval_batch_size: int = 8
     routing_max_tokens: int = 8192
     seeds: list[int] = field(default_factory=lambda: [0])
+    add_expert: AddExpertSettings | None = None
 
     def __post_init__(self):
         for name in ("pretrain", "cpt", "mixture"):
             value = getattr(self, name)
             if not isinstance(value, TrainSettings):
                 setattr(self, name, _from_dict(TrainSettings, value, name))
+        if self.add_expert is not None and not isinstance(self.add_expert, AddExpertSettings):
+            self.add_expert = _from_dict(AddExpertSettings, self.add_expert, "add_expert")
         if self.general_domain not in self.domains:
             raise BamError(f"general_domain={self.general_domain!r}: expected one of the domains "
                            f"({', '.join(self.domains)})")
@@ -117,6 +146,13 @@ class StudySettings:
                 raise BamError(f"methods: unknown method {method!r} (expected {', '.join(MOE_METHODS)})")
         if not self.seeds or not all(isinstance(s, int) for s in self.seeds):
             raise BamError(f"seeds={self.seeds!r}: expected a non-empty list of integers")
+        if self.add_expert is not None:
+            if self.add_expert.domain not in self.expert_domains:
+                raise BamError(f"add_expert.domain={self.add_expert.domain!r}: expected one of the expert "
+                               f"domains ({', '.join(self.expert_domains)})")
+            if len(self.expert_domains) < 2:
+                raise BamError("add_expert: needs at least two expert domains, one held out and one "
+                               "routed expert to build the mixture from")
 
     @property
     def expert_domains(self) -> list[str]:
@@ -129,12 +165,16 @@ DEMO_PRESETS = {
                  pretrain=dict(steps=60, batch_size=8, lr=3e-3, warmup=6, save_every=30),
                  cpt=dict(steps=30, batch_size=8, lr=1.5e-3, warmup=3, save_every=30),
                  mixture=dict(steps=30, batch_size=8, lr=1.5e-3, warmup=3, save_every=30),
+                 add_expert=dict(domain="legal", embed_max_tokens=8192,
+                                 finetune=dict(steps=15, batch_size=8, lr=1.5e-3, warmup=2, save_every=15)),
                  eval_max_tokens=8192, routing_max_tokens=2048),
     # The default `bam demo`: about 15 minutes on a 2-core CPU.
     "small": dict(preset="small", vocab_size=4096, max_chars_per_domain=2_000_000, seq_len=256,
                   pretrain=dict(steps=400, batch_size=16, lr=2e-3, warmup=40, save_every=100),
                   cpt=dict(steps=150, batch_size=16, lr=1e-3, warmup=15, save_every=50),
                   mixture=dict(steps=150, batch_size=16, lr=1e-3, warmup=15, save_every=50),
+                  add_expert=dict(domain="legal", embed_max_tokens=32768,
+                                  finetune=dict(steps=50, batch_size=16, lr=1e-3, warmup=5, save_every=50)),
                   eval_max_tokens=32768, routing_max_tokens=8192),
 }
 
@@ -357,6 +397,59 @@ class Study:
             steps["CM"] = max(1, round(s.mixture.steps * btx / this))
         return steps
 
+    # -- Nexus: hold one domain out, add its expert afterwards (METHOD.md 3.3) ----------------
+
+    def domain_embeddings(self, seed_model: Path) -> DomainEmbeddings:
+        """Every domain embedded by the seed (hidden-mean over its train split), as `bam embed-domains` does."""
+        s = self.settings
+        spec = {"model": self.rel(seed_model), "max_tokens": s.add_expert.embed_max_tokens, "seq_len": s.seq_len,
+                "domains": {n: d.path.name for n, d in self.domains.items()}}
+        stage = self.stages.dir("embed", spec)
+        if not self.stages.done(stage):
+            log(f"embedding {len(self.domains)} domains with the seed model")
+            source = EmbeddingSource(model=str(seed_model.resolve()), max_tokens=s.add_expert.embed_max_tokens,
+                                     seq_len=s.seq_len, val_fraction=s.val_fraction, test_fraction=s.test_fraction)
+            embeddings = embed_domains(list(self.domains.values()), source, model=load_model(seed_model),
+                                       batch_size=s.eval_batch_size)
+            with atomic_output_dir(stage, overwrite=True) as tmp:
+                embeddings.save(tmp / "embeddings.safetensors")
+                self.stages.finish(tmp, {"domains": embeddings.names})
+        return DomainEmbeddings.load(stage / "embeddings.safetensors")
+
+    def nexus_mixed(self, experts: dict[str, Path], embeddings: DomainEmbeddings, seed: int) -> Path:
+        """The Nexus mixture without the held-out domain: the seed shared, the other experts routed."""
+        s = self.settings
+        routed = [d for d in s.expert_domains if d != s.add_expert.domain]
+        spec = {"method": s.add_expert.method, "seed_model": self.rel(experts[s.general_domain]),
+                "experts": {d: self.rel(experts[d]) for d in routed}, "embeddings": embeddings.names,
+                "std": s.router_init_std, "seed": seed}
+        stage = self.stages.dir(f"mix-{s.add_expert.method}", spec)
+        if not self.stages.done(stage):
+            log(f"mixing {s.add_expert.method}: the seed shared, {', '.join(routed)} routed "
+                f"({s.add_expert.domain} held out)")
+            sources = [open_model(experts[s.general_domain])] + [open_model(experts[d]) for d in routed]
+            with atomic_output_dir(stage, overwrite=True) as tmp:
+                mix(sources, s.add_expert.method, tmp / "model", router_init_std=s.router_init_std, seed=seed,
+                    domain_embeddings=embeddings.select(routed))
+                self.stages.finish(tmp, {"method": s.add_expert.method, "routed": routed})
+        return stage / "model"
+
+    def added(self, moe: Path, new_expert: Path, embeddings: DomainEmbeddings, reset_router: bool,
+              seed: int) -> Path:
+        """`moe` with the held-out domain's expert appended; Nexus router kept, or a new linear one."""
+        domain = self.settings.add_expert.domain
+        spec = {"moe": self.rel(moe), "new": self.rel(new_expert), "domain": domain, "reset_router": reset_router,
+                "seed": seed}
+        variant = "reset" if reset_router else "nexus"
+        stage = self.stages.dir(f"add-{domain}-{variant}", spec)
+        if not self.stages.done(stage):
+            log(f"adding the {domain} expert ({'linear router reset' if reset_router else 'Nexus router kept'})")
+            embedding = None if reset_router else embeddings.select([domain]).vectors[domain]
+            with atomic_output_dir(stage, overwrite=True) as tmp:
+                add_expert(moe, new_expert, domain, embedding, tmp / "model", reset_router=reset_router, seed=seed)
+                self.stages.finish(tmp, {"domain": domain, "reset_router": reset_router})
+        return stage / "model"
+
     def evaluate(self, model_dir: Path, label: str, routing: bool) -> dict:
         s = self.settings
         spec = {"model": self.rel(model_dir), "max_tokens": s.eval_max_tokens, "seq_len": s.seq_len,
@@ -449,12 +542,121 @@ def run_study(settings: StudySettings, out: Path, title: str = "bam run") -> dic
                 if method == "btx" and settings.compute_matched:
                     # BTX is the compute reference, so its CM run is its DM run.
                     per_seed[f"{METHOD_LABELS[method]} (CM)"] = per_seed[name] | {"setting": "CM"}
+        if settings.add_expert is not None:
+            add_expert_experiment(study, seed_model, experts, seed, record)
 
     results = assemble(settings, study, per_seed, title)
     with atomic_output_dir(out / "report", overwrite=True) as tmp:
         write_report(results, tmp)
     log(f"report written to {out / 'report' / 'report.md'}")
     return results
+
+
+ADD_EXPERT_LABELS = {"nexus": "Nexus", "nexus-bam": "Nexus-BAM KV experts", "nexus-bam-shared": "Nexus-BAM KV sharing"}
+# The models of the extension experiment, by role: (name template, router variant, finetuned)
+ADD_EXPERT_ROLES = {
+    "before": "{label} before adding {domain}",
+    "added": "{label} + {domain}",
+    "added-finetuned": "{label} + {domain}, finetuned",
+    "reset": "linear reset + {domain}",
+    "reset-finetuned": "linear reset + {domain}, finetuned",
+}
+
+
+def add_expert_name(settings: StudySettings, role: str) -> str:
+    return ADD_EXPERT_ROLES[role].format(label=ADD_EXPERT_LABELS[settings.add_expert.method],
+                                         domain=settings.add_expert.domain)
+
+
+def add_expert_experiment(study: Study, seed_model: Path, experts: dict[str, Path], seed: int, record) -> None:
+    """Nexus's extension experiment (METHOD.md 3.3) for one seed; `record` evaluates and files a model.
+
+    The held-out domain's expert is the study's own (CPT from the same seed); the mixture without
+    it trains as long as the study's mixtures (data-matched) on the other domains only.
+    """
+    s = study.settings
+    domain = s.add_expert.domain
+    old = [d for d in s.domains if d != domain]
+    routed = [d for d in s.expert_domains if d != domain]
+    embeddings = study.domain_embeddings(seed_model)
+    mixed = study.nexus_mixed(experts, embeddings, seed)
+    before = study.train_stage(f"mixture-{s.add_expert.method}", mixed, {d: float(d in old) for d in s.domains},
+                               s.mixture, seed)
+
+    def file(role: str, model_dir: Path, names: list[str], metrics: Path | None = None) -> None:
+        record(add_expert_name(s, role), "add-expert", model_dir, seed, s.add_expert.method, role, metrics,
+               routing=True, experts=names)
+
+    file("before", before, routed, before.parent / "metrics.jsonl")
+    weights = finetune_weights(domain, old)
+    for variant, reset in (("added", False), ("reset", True)):
+        grown = study.added(before, experts[domain], embeddings, reset, seed)
+        file(variant, grown, [*routed, domain])
+        tuned = study.train_stage(f"finetune-{variant}", grown, weights, s.add_expert.finetune, seed)
+        file(f"{variant}-finetuned", tuned, [*routed, domain], tuned.parent / "metrics.jsonl")
+
+
+def new_expert_share(evaluation: dict, new_domain_index: int) -> float | None:
+    """Share of the new domain's tokens the last (added) FFN expert receives, averaged over layers."""
+    ffn = (evaluation.get("routing") or {}).get("ffn")
+    if not ffn:
+        return None
+    return statistics.fmean(layer[new_domain_index][-1] for layer in ffn)
+
+
+def summarize_add_expert(settings: StudySettings, per_seed: dict) -> dict | None:
+    """Per role and seed: new-domain perplexity, old-domain average, and the added expert's token share."""
+    if settings.add_expert is None:
+        return None
+    domain = settings.add_expert.domain
+    domains = list(settings.domains)
+    old = [d for d in domains if d != domain]
+    rows = {}
+    for role in ("dense", *ADD_EXPERT_ROLES):
+        name = f"expert {domain}" if role == "dense" else add_expert_name(settings, role)
+        evals = per_seed[name]["evals"]
+        # Before adding, the last expert is an old one: no share to report.
+        shares = [None if role == "before" else new_expert_share(e, domains.index(domain)) for e in evals]
+        rows[role] = {
+            "name": name,
+            "steps_after_adding": settings.add_expert.finetune.steps if role.endswith("finetuned") else 0,
+            "new_ppl": _stat([e["perplexity"][domain] for e in evals]),
+            "old_avg_ppl": _stat([statistics.fmean(e["perplexity"][d] for d in old) for e in evals]),
+            "new_expert_share": _stat(shares) if None not in shares else None,
+        }
+    n = len(settings.seeds)
+
+    def per_seed_of(role: str, key: str) -> list[float]:
+        return rows[role][key]["per_seed"]
+
+    before, nexus, reset = (per_seed_of(r, "new_ppl") for r in ("before", "added-finetuned", "reset-finetuned"))
+    share = per_seed_of("added-finetuned", "new_expert_share")
+    gain = [1 - a / b for a, b in zip(nexus, reset)]
+    checks = {
+        f"adding lowers {domain} perplexity": [a < b for a, b in zip(nexus, before)],
+        f"Nexus router beats linear reset on {domain}": [a < b for a, b in zip(nexus, reset)],
+        f"most {domain} tokens go to the new expert": [x > 0.5 for x in share],
+    }
+    old_change = [a / b - 1 for a, b in zip(per_seed_of("added-finetuned", "old_avg_ppl"),
+                                             per_seed_of("before", "old_avg_ppl"))]
+    label = ADD_EXPERT_LABELS[settings.add_expert.method]
+    lines = [
+        f"{label} + {domain} (finetuned) below the mixture before adding on {domain}: "
+        f"{sum(checks[f'adding lowers {domain} perplexity'])}/{n} seeds "
+        f"({statistics.fmean(nexus):.3f} vs {statistics.fmean(before):.3f})",
+        f"Nexus router vs linear router reset, both finetuned {settings.add_expert.finetune.steps} steps: "
+        f"{domain} perplexity {statistics.fmean(nexus):.3f} vs {statistics.fmean(reset):.3f}, "
+        f"a relative improvement of {statistics.fmean(gain):+.1%} for Nexus (better in "
+        f"{sum(checks[f'Nexus router beats linear reset on {domain}'])}/{n} seeds; the paper reports +18.8% "
+        f"after 1B finetuning tokens)",
+        f"share of {domain} tokens routed to the new expert (mean over layers), Nexus finetuned: "
+        f"{statistics.fmean(share):.1%} (above 50% in {sum(checks[f'most {domain} tokens go to the new expert'])}/{n} "
+        f"seeds); linear reset finetuned: {statistics.fmean(per_seed_of('reset-finetuned', 'new_expert_share')):.1%}",
+        f"old domains ({', '.join(old)}) average perplexity after adding and finetuning: "
+        f"{statistics.fmean(old_change):+.1%} relative to before adding",
+    ]
+    return {"domain": domain, "old_domains": old, "method": settings.add_expert.method, "rows": rows,
+            "checks": checks, "lines": lines}
 
 
 def _stat(values: list[float]) -> dict:
@@ -486,7 +688,7 @@ def assemble(settings: StudySettings, study: Study, per_seed: dict, title: str) 
                f"{settings.seq_len} tokens (data-matched).")
     return {"title": title, "summary": summary, "domains": domains, "seeds": settings.seeds,
             "settings": dataclasses.asdict(settings), "corpus": study.corpus_info, "models": models,
-            "ordering": ordering}
+            "ordering": ordering, "add_expert": summarize_add_expert(settings, per_seed)}
 
 
 def check_ordering(models: dict, domains: list[str], settings: StudySettings) -> dict:

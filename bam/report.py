@@ -6,6 +6,8 @@ Input is one `results` dict built by the pipeline (bam/pipeline.py):
                              "cost": {...}, "metrics": path of its training metrics.jsonl or None,
                              "routing": {"ffn": [layer][domain][expert], "attn": [layer][domain][expert]}}
   results["domains"], results["corpus"], results["seeds"], results["ordering"], results["notes"]
+  results["add_expert"]: the Nexus extension experiment (bam.pipeline.summarize_add_expert) or None;
+                         its models are in results["models"] with group "add-expert".
 """
 
 from __future__ import annotations
@@ -39,11 +41,18 @@ def _human(n: float) -> str:
     return f"{n:.0f}"
 
 
-def perplexity_table(results: dict) -> str:
+def study_models(results: dict, group: str | None = None) -> dict:
+    """The main comparison's models (all but the add-expert experiment's), or one group's."""
+    if group is None:
+        return {n: m for n, m in results["models"].items() if m["group"] != "add-expert"}
+    return {n: m for n, m in results["models"].items() if m["group"] == group}
+
+
+def perplexity_table(results: dict, models: dict | None = None) -> str:
     domains = results["domains"]
     lines = ["| model | " + " | ".join(domains) + " | avg |",
              "|---|" + "---|" * (len(domains) + 1)]
-    for name, model in results["models"].items():
+    for name, model in (study_models(results) if models is None else models).items():
         cells = [_ppl_cell(model["perplexity"][d]) for d in domains]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {_ppl_cell(model['avg_ppl'])} |")
     return "\n".join(lines)
@@ -93,14 +102,17 @@ def _smooth(values: list[float], weight: float = 0.9) -> list[float]:
 
 def plot_loss_curves(results: dict, out: Path) -> Path | None:
     """Training loss of the dense stages (seed, experts) and of the mixture runs, side by side."""
-    panels = {"dense models: seed pretraining and expert CPT": [], "mixture training": []}
+    titles = {"dense": "dense models: seed pretraining and expert CPT", "expert": "dense models: seed pretraining and expert CPT",
+              "moe": "mixture training", "add-expert": "adding an expert: mixture, then finetune after adding"}
+    panels = {title: [] for title in titles.values()}
     for name, model in results["models"].items():
         if model.get("metrics") and not (model["method"] == "btx" and model["setting"] == "CM"):
-            panel = "mixture training" if model["group"] == "moe" else "dense models: seed pretraining and expert CPT"
-            panels[panel].append((name, model["metrics"]))
-    if not any(panels.values()):
+            panels[titles[model["group"]]].append((name, model["metrics"]))
+    panels = {title: runs for title, runs in panels.items() if runs}
+    if not panels:
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), squeeze=False)
+    axes = axes[0]
     for ax, (title, runs) in zip(axes, panels.items()):
         for name, path in runs:
             steps, losses = _read_losses(path)
@@ -125,7 +137,7 @@ def _mean_ppl(model: dict, domain: str) -> float:
 
 
 def plot_perplexity(results: dict, out: Path) -> Path:
-    domains, names = results["domains"] + ["avg"], list(results["models"])
+    domains, names = results["domains"] + ["avg"], list(study_models(results))
     fig, ax = plt.subplots(figsize=(max(8, len(names) * 0.9), 5))
     width = 0.8 / len(domains)
     for i, domain in enumerate(domains):
@@ -197,18 +209,79 @@ def plot_cost(results: dict, out: Path) -> Path | None:
     return path
 
 
+def add_expert_table(results: dict) -> str:
+    experiment = results["add_expert"]
+    domain, old = experiment["domain"], experiment["old_domains"]
+    before = experiment["rows"]["before"]["old_avg_ppl"]["mean"]
+    lines = [f"| model | steps after adding | {domain} perplexity | old domains avg perplexity | "
+             f"old domains vs before adding | share of {domain} tokens to the new expert |",
+             "|---|---|---|---|---|---|"]
+    for role, row in experiment["rows"].items():
+        share = "—" if row["new_expert_share"] is None else f"{row['new_expert_share']['mean']:.1%}"
+        change = "—" if role in ("dense", "before") else f"{row['old_avg_ppl']['mean'] / before - 1:+.1%}"
+        lines.append(f"| {row['name']} | {row['steps_after_adding']} | {_ppl_cell(row['new_ppl'])} | "
+                     f"{_ppl_cell(row['old_avg_ppl'])} | {change} | "
+                     f"{share} |")
+    return "\n".join(lines) + f"\n\nOld domains: {', '.join(old)}."
+
+
+def plot_add_expert(results: dict, out: Path) -> Path | None:
+    """New-domain perplexity of each model of the experiment, and where the new domain's tokens go."""
+    experiment = results.get("add_expert")
+    if not experiment:
+        return None
+    domain, rows = experiment["domain"], experiment["rows"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.6))
+    names = [row["name"] for row in rows.values()]
+    left.bar(range(len(rows)), [row["new_ppl"]["mean"] for row in rows.values()],
+             yerr=[row["new_ppl"]["std"] for row in rows.values()], capsize=3,
+             color=["grey", "tab:blue", "tab:cyan", "tab:blue", "tab:orange", "tab:red"][:len(rows)])
+    left.set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=7)
+    left.set_ylabel(f"held-out {domain} perplexity (lower is better)")
+    left.grid(axis="y", alpha=0.3)
+    d = results["domains"].index(domain)
+    for row in rows.values():
+        ffn = (results["models"][row["name"]].get("routing") or {}).get("ffn")
+        if row["new_expert_share"] is None or not ffn:
+            continue
+        right.plot(range(len(ffn)), [layer[d][-1] for layer in ffn], marker="o", label=row["name"])
+    right.axhline(0.5, color="grey", linestyle=":", linewidth=1)
+    right.set_ylim(0, 1)
+    right.set_xlabel("layer")
+    right.set_ylabel(f"share of {domain} tokens routed to the new expert")
+    right.legend(fontsize=7)
+    right.grid(alpha=0.3)
+    fig.suptitle(f"Adding the {domain} expert to a trained mixture (first seed's routing)", fontsize=9)
+    fig.tight_layout()
+    path = out / "add_expert.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def write_report(results: dict, out: Path) -> None:
     """Write report.json, report.md and the plots into `out` (which the caller made atomic)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(results, indent=2, default=str))
     plots = [plot_perplexity(results, out), plot_loss_curves(results, out), plot_cost(results, out),
-             *plot_routing(results, out)]
+             plot_add_expert(results, out), *plot_routing(results, out)]
     ordering = results.get("ordering", {})
     md = [f"# Branch-Attend-Mix study ({results.get('title', 'bam')})", ""]
     md += [results.get("summary", ""), ""]
     md += ["## Held-out perplexity (test split, lower is better)", "", perplexity_table(results), ""]
     for line in ordering.get("lines", []):
         md.append(f"- {line}")
+    experiment = results.get("add_expert")
+    if experiment:
+        md += ["", f"## Adding an expert later: {experiment['domain']} (Nexus, METHOD.md 3.3)", "",
+               f"A {experiment['method']} mixture is trained without {experiment['domain']}; its dense "
+               f"{experiment['domain']} expert (CPT from the same seed) is then added with `add_expert`, keeping "
+               "the Nexus router (its embedding is the projection of the new domain's embedding) or replacing it "
+               "by a new linear router, and finetuned on 50% new domain, 50% old domains.", "",
+               add_expert_table(results), ""]
+        md += [f"- {line}" for line in experiment["lines"]]
+        md += ["", "Per-domain perplexity of the experiment's models:", "",
+               perplexity_table(results, study_models(results, "add-expert"))]
     md += ["", "## Cost", "", cost_table(results), "",
            "## Corpus", "", corpus_table(results), ""]
     if results.get("notes"):

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from bam.presets import preset_fields
+
 pytestmark = pytest.mark.slow
 
 DEMO = [sys.executable, "-m", "bam.cli", "demo", "--preset", "tiny"]
@@ -38,7 +40,9 @@ def test_tiny_demo_report_has_every_model_and_domain(uninterrupted, tmp_path):
     assert uninterrupted["domains"] == domains
     expected = {"seed", "expert code", "expert math", "expert legal",
                 "BTX (DM)", "BTX (CM)", "BAM KV experts (DM)", "BAM KV experts (CM)",
-                "BAM KV sharing (DM)", "BAM KV sharing (CM)"}
+                "BAM KV sharing (DM)", "BAM KV sharing (CM)",
+                "Nexus before adding legal", "Nexus + legal", "Nexus + legal, finetuned",
+                "linear reset + legal", "linear reset + legal, finetuned"}
     assert set(uninterrupted["models"]) == expected
     for name, model in uninterrupted["models"].items():
         for domain in domains:
@@ -46,6 +50,37 @@ def test_tiny_demo_report_has_every_model_and_domain(uninterrupted, tmp_path):
             assert 1.0 < ppl < uninterrupted["settings"]["vocab_size"] * 2, (name, domain, ppl)
     for domain, info in uninterrupted["corpus"].items():
         assert info["documents"]["test"] > 0 and info["tokens"]["train"] > 10_000, domain
+
+
+def test_tiny_demo_adds_the_held_out_expert(uninterrupted):
+    experiment = uninterrupted["add_expert"]
+    assert experiment["domain"] == "legal" and experiment["old_domains"] == ["general", "code", "math"]
+    models = uninterrupted["models"]
+    # The mixture before adding routes over code and math; every added model over code, math, legal.
+    for role, row in experiment["rows"].items():
+        routing = models[row["name"]]["routing"]
+        if role == "dense":
+            assert routing is None
+            continue
+        n_routed = 2 if role == "before" else 3
+        assert all(len(expert_shares) == n_routed for layer in routing["ffn"] for expert_shares in layer)
+        for layer in routing["ffn"]:
+            for shares in layer:
+                assert sum(shares) == pytest.approx(1.0)
+        if role != "before":
+            assert 0.0 <= row["new_expert_share"]["mean"] <= 1.0
+    # One more routed expert: the Nexus mixture grows by exactly one expert FFN per layer and one
+    # domain-embedding row; the reset variant swaps the Nexus projection for a linear router.
+    cost = {role: models[row["name"]]["cost"] for role, row in experiment["rows"].items()}
+    shape = preset_fields(uninterrupted["settings"]["preset"])
+    d, d_ff, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
+    # hidden-mean embeddings are d-dimensional; the expert is SwiGLU (3 d d_ff)
+    assert cost["added"]["params_total"] - cost["before"]["params_total"] == layers * (3 * d * d_ff + d)
+    assert cost["added"]["params_active"] - cost["before"]["params_active"] == layers * d
+    for tuned, untuned in (("added-finetuned", "added"), ("reset-finetuned", "reset")):
+        for key in ("params_total", "params_active", "flops_per_token", "kv_cache_bytes_per_token"):
+            assert cost[tuned][key] == cost[untuned][key], (tuned, key)
+    assert len(experiment["lines"]) == 4
 
 
 def test_tiny_demo_cost_is_consistent(uninterrupted):
