@@ -233,18 +233,22 @@ def plot_add_expert(results: dict, out: Path) -> Path | None:
     domain, rows = experiment["domain"], experiment["rows"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.6))
     names = [row["name"] for row in rows.values()]
+    colors = {"dense": "grey", "before": "tab:purple", "added": "tab:cyan", "added-finetuned": "tab:blue",
+              "reset": "tab:orange", "reset-finetuned": "tab:red"}
     left.bar(range(len(rows)), [row["new_ppl"]["mean"] for row in rows.values()],
              yerr=[row["new_ppl"]["std"] for row in rows.values()], capsize=3,
-             color=["grey", "tab:blue", "tab:cyan", "tab:blue", "tab:orange", "tab:red"][:len(rows)])
+             color=[colors.get(role, "tab:green") for role in rows])
     left.set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=7)
     left.set_ylabel(f"held-out {domain} perplexity (lower is better)")
     left.grid(axis="y", alpha=0.3)
     d = results["domains"].index(domain)
-    for row in rows.values():
+    for role, row in rows.items():
         ffn = (results["models"][row["name"]].get("routing") or {}).get("ffn")
         if row["new_expert_share"] is None or not ffn:
             continue
-        right.plot(range(len(ffn)), [layer[d][-1] for layer in ffn], marker="o", label=row["name"])
+        right.plot(range(len(ffn)), [layer[d][-1] for layer in ffn], marker="o", label=row["name"],
+                   color=colors.get(role, "tab:green"))
+        right.set_xticks(range(len(ffn)))
     right.axhline(0.5, color="grey", linestyle=":", linewidth=1)
     right.set_ylim(0, 1)
     right.set_xlabel("layer")
