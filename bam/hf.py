@@ -12,7 +12,7 @@ and projection biases, partial rotary embeddings); the error lists each missing 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -145,12 +145,19 @@ def tensor_map(family: str, config: dict) -> dict[str, Callable[[Callable[[str],
                 mapping[ours + f"attn.{proj}_proj.bias"] = plain(theirs + f"self_attn.{proj}_proj.bias", fix)
         mapping[ours + "attn.o_proj.weight"] = plain(theirs + "self_attn.o_proj.weight")
         mapping[ours + "ffn.experts.gate_up_proj"] = (
-            lambda read, p=theirs: torch.cat([read(p + "mlp.gate_proj.weight"), read(p + "mlp.up_proj.weight")])[None]
+            lambda read, p=theirs: torch.cat(list(gate_up_parts(read, p)))[None]
         )
         mapping[ours + "ffn.experts.down_proj"] = (lambda read, p=theirs: read(p + "mlp.down_proj.weight")[None])
     if not config["tie_word_embeddings"]:
         mapping["lm_head.weight"] = plain("lm_head.weight")
     return mapping
+
+
+def gate_up_parts(read: Callable[[str], torch.Tensor], prefix: str) -> Iterator[torch.Tensor]:
+    """Our one-expert `gate_up_proj` [1, 2*d_ff, d] as its two stored pieces, gate rows first,
+    read one at a time (a writer can append them without the concatenation)."""
+    yield read(prefix + "mlp.gate_proj.weight")
+    yield read(prefix + "mlp.up_proj.weight")
 
 
 def open_hf_model(path: Path, config_dict: dict, tokenizer_dir: Path | None) -> ModelSource:
@@ -173,4 +180,11 @@ def open_hf_model(path: Path, config_dict: dict, tokenizer_dir: Path | None) -> 
             raise BamError(f"{path}: tensor {hf_name} missing from the {family} checkpoint")
         return files.get(hf_name)
 
-    return ModelSource(path, family, config, list(mapping), lambda name: mapping[name](read), tokenizer_dir)
+    def read_parts(name: str) -> Iterable[torch.Tensor]:
+        if name.endswith(".ffn.experts.gate_up_proj") and name in mapping:
+            # "model.layers.{i}." prefixes the tensor in both namings
+            return gate_up_parts(read, name.removesuffix("ffn.experts.gate_up_proj"))
+        return [mapping[name](read)]
+
+    return ModelSource(path, family, config, list(mapping), lambda name: mapping[name](read), tokenizer_dir,
+                       read_parts=read_parts)

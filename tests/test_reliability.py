@@ -181,6 +181,40 @@ def test_verification_is_lazy_and_once_per_file(tmp_path, monkeypatch):
     assert calls == ["config.json", "model.safetensors"]  # hashed before the first tensor, once
 
 
+def test_the_manifest_takes_the_writers_digest_unless_the_file_changed_after(tmp_path, monkeypatch):
+    from bam import checkpoint
+
+    calls = []
+    real = checkpoint.sha256_file
+    monkeypatch.setattr(checkpoint, "sha256_file", lambda path: calls.append(Path(path).name) or real(path))
+    a, b = torch.randn(3, 4), torch.randn(2, 4)
+    specs = {"x": (torch.float32, (5, 4)), "y": (torch.float32, (4,))}
+
+    def write(out: Path, change_after_close: bool = False) -> Path:
+        with atomic_output_dir(out, manifest=True) as tmp:
+            with checkpoint.StreamingSafetensorsWriter(tmp / "w.safetensors", specs) as writer:
+                writer.write("x", iter([a, b]))  # row blocks: x is their concatenation
+                writer.write("y", torch.arange(4.0))
+            if change_after_close:
+                path = tmp / "w.safetensors"
+                flip_middle_byte(path)
+                mtime = path.stat().st_mtime_ns  # a later mtime even if the clock did not tick
+                os.utime(path, ns=(mtime, mtime + 1_000_000))
+        return out / "w.safetensors"
+
+    path = write(tmp_path / "a")
+    assert calls == []  # not read back: hashed while written
+    assert read_manifest(tmp_path / "a")["w.safetensors"]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    from safetensors.torch import load_file
+    written = load_file(str(path))
+    assert torch.equal(written["x"], torch.cat([a, b])) and torch.equal(written["y"], torch.arange(4.0))
+
+    # Changed between the writer's close and the manifest: the manifest describes the file as it is.
+    path = write(tmp_path / "b", change_after_close=True)
+    assert calls == ["w.safetensors"]
+    assert read_manifest(tmp_path / "b")["w.safetensors"]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def test_directories_without_our_manifest_load_as_before(tmp_path, capsys):
     dense = tiny_dense(tmp_path / "dense")
     reference = load_model(dense).state_dict()
