@@ -34,9 +34,12 @@ memory holds one output tensor and one input tensor at a time, never a whole mod
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import json
-from collections.abc import Iterable, Sequence
+import math
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,7 +54,7 @@ from bam.checkpoint import (
     atomic_output_dir,
     config_from_dict,
     copy_tokenizer,
-    expected_tensor_names,
+    is_row_block,
     open_model,
 )
 from bam.config import BamConfig
@@ -118,12 +121,46 @@ def check_method(method: str) -> None:
 
 
 def parameter_shapes(config: BamConfig) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every stored parameter of a model with this config (built on the meta device)."""
-    from bam.model import BamForCausalLM  # noqa: PLC0415  (model imports are heavy; config-only users skip them)
+    """Name -> shape of every stored parameter of `BamForCausalLM(config)`, in module order, the
+    tied lm_head left out: the names and order of its `named_parameters()`.
 
-    with torch.device("meta"):
-        model = BamForCausalLM(config)
-    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+    Computed from the config (the layout bam/config.py describes) rather than by building the
+    model on the meta device, so mixing never imports the model and transformers' modeling code
+    (seconds of a `bam mix` run). tests/test_mix.py checks it against the model for every variant.
+    """
+    d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    q_width = config.n_attn_experts * config.num_attention_heads * config.head_dim
+    kv_width = config.n_kv_experts * config.num_key_value_heads * config.head_dim
+    n_ffn = config.n_ffn_experts
+    shapes = {"model.embed_tokens.weight": (v, d)}
+    for i in range(config.num_hidden_layers):
+        layer = f"model.layers.{i}."
+        shapes[layer + "input_norm.weight"] = (d,)
+        if config.block == "sequential":
+            shapes[layer + "post_attention_norm.weight"] = (d,)
+        for proj, width in (("q", q_width), ("k", kv_width), ("v", kv_width)):
+            shapes[layer + f"attn.{proj}_proj.weight"] = (width, d)
+            if config.qkv_bias:
+                shapes[layer + f"attn.{proj}_proj.bias"] = (width,)
+        shapes[layer + "attn.o_proj.weight"] = (d, q_width)
+        if config.n_attn_experts > 1:
+            shapes[layer + "attn.router.weight"] = (config.n_attn_experts, d)
+        if config.ffn_router == "nexus":
+            m, h = config.nexus_embed_dim, config.nexus_hidden_dim
+            shapes[layer + "ffn.router.domain_embeddings"] = (n_ffn, m)
+            shapes[layer + "ffn.router.gate_up_proj"] = (2 * h, m)
+            shapes[layer + "ffn.router.down_proj"] = (d, h)
+        elif n_ffn > 1:  # one expert takes every token: no linear router (bam/moe.py)
+            shapes[layer + "ffn.router.weight"] = (n_ffn, d)
+        shapes[layer + "ffn.experts.gate_up_proj"] = (n_ffn, 2 * f, d)
+        shapes[layer + "ffn.experts.down_proj"] = (n_ffn, d, f)
+        if config.ffn_shared_expert:
+            shapes[layer + "ffn.shared_expert.gate_up_proj"] = (2 * f, d)
+            shapes[layer + "ffn.shared_expert.down_proj"] = (d, f)
+    shapes["model.norm.weight"] = (d,)
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (v, d)
+    return shapes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,9 +222,13 @@ def average(tensors: Iterable[torch.Tensor], weights: Sequence[float] | None = N
     acc = None
     for weight, tensor in zip(weights, tensors, strict=True):
         if acc is None:
-            acc = torch.zeros(tensor.shape, dtype=torch.promote_types(tensor.dtype, torch.float32))
+            # The first term starts the sum: no zero-filled accumulator to add it to. Scale in
+            # place only a copy made by the cast, never the caller's tensor.
+            acc = tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+            acc = acc * (weight / total) if acc is tensor else acc.mul_(weight / total)
             dtype = dtype or tensor.dtype
-        acc.add_(tensor.to(acc.dtype), alpha=weight / total)
+        else:
+            acc.add_(tensor, alpha=weight / total)  # a bf16 `tensor` is upcast inside the kernel, no copy
     return acc.to(dtype)
 
 
@@ -208,11 +249,6 @@ def stack(tensors: Iterable[torch.Tensor], n: int, dim: int = 0, dtype: torch.dt
     if count != n:
         raise ValueError(f"stack expected {n} tensors, got {count}")
     return out
-
-
-def repeat_experts(tensor: torch.Tensor, n: int) -> torch.Tensor:
-    """Sparse upcycling: a one-expert tensor [1, ...] copied into n identical experts [n, ...]."""
-    return tensor.repeat(n, *[1] * (tensor.dim() - 1))
 
 
 def router_seed(seed: int, name: str) -> int:
@@ -396,7 +432,6 @@ def mix(sources: Sequence[ModelSource], method: str, out: str | Path, *, top_k: 
 
     input_shapes = parameter_shapes(sources[0].config)
     output_shapes = parameter_shapes(config)
-    names = expected_tensor_names(config)
     if weights is not None:
         weights = [float(w) / sum(weights) for w in weights]
 
@@ -406,30 +441,49 @@ def mix(sources: Sequence[ModelSource], method: str, out: str | Path, *, top_k: 
             raise BamError(_shape_message(source, name, tensor.shape, input_shapes[name], sources[0]))
         return tensor
 
-    def output_tensor(name: str) -> torch.Tensor:
+    def read_parts(source: ModelSource, name: str) -> Iterator[torch.Tensor]:
+        """`source`'s tensor `name` as row blocks (ModelSource.tensor_parts) in the output dtype,
+        checked as they come: each has the tensor's row width, and together they fill its shape."""
+        expected = input_shapes[name]
+        left = math.prod(expected)
+        for part in source.tensor_parts(name):
+            left -= part.numel()
+            if not is_row_block(part, expected) or left < 0:
+                raise BamError(_shape_message(source, name, part.shape, expected, sources[0]))
+            yield part.to(dtype)
+        if left:
+            raise BamError(f"tensor {name} has {math.prod(expected) - left} values in {source.path} but "
+                           f"{math.prod(expected)} (shape {expected}) in {sources[0].path}")
+
+    def output(name: str) -> torch.Tensor | Iterable[torch.Tensor]:
+        """The output tensor `name`, or for dim-0 stacks its row blocks, which the writer appends
+        one after another: expert j's rows follow expert j-1's in the file, so the stacked tensor
+        (and, for imported Llama experts, the gate/up concatenation) is never built in memory."""
         rule = tensor_rule(name, method)
         if rule.kind == "router":
             return new_router(name, output_shapes[name], router_init_std, seed, dtype)
         if rule.kind == "copy":
             return read(sources[0], name).to(dtype)
         if rule.kind == "repeat":
-            return repeat_experts(read(sources[0], name).to(dtype), n_experts)
+            return list(read_parts(sources[0], name)) * n_experts
         if rule.kind == "shared_expert":  # the seed's one FFN: [1, ...] in the dense model -> [...]
-            return read(sources[0], name.replace(".ffn.shared_expert.", ".ffn.experts."))[0].to(dtype)
+            return read_parts(sources[0], name.replace(".ffn.shared_expert.", ".ffn.experts."))
         if rule.kind == "domain_embeddings":
             return torch.stack(list(domain_embeddings.vectors.values())).to(dtype)
         if rule.kind == "stack":
             experts = sources[1:] if rule.routed_only else sources
+            if rule.dim == 0:
+                return itertools.chain.from_iterable(read_parts(source, name) for source in experts)
             return stack((read(source, name) for source in experts), len(experts), rule.dim, dtype)
         parts = (read(source, name) for source in sources)  # lazy: one input in memory at a time
         return average(parts, weights or [1.0] * len(sources), dtype)
 
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+    with atomic_output_dir(out, overwrite=overwrite) as tmp, _one_compute_thread():
         config.save_pretrained(tmp)
-        specs = {name: (dtype, output_shapes[name]) for name in names}
+        specs = {name: (dtype, shape) for name, shape in output_shapes.items()}
         with StreamingSafetensorsWriter(tmp / WEIGHTS_NAME, specs) as writer:
-            for name in tqdm(names, desc=f"bam mix ({method})", unit="tensor", disable=_quiet(progress)):
-                writer.write(name, output_tensor(name))
+            for name in tqdm(specs, desc=f"bam mix ({method})", unit="tensor", disable=_quiet(progress)):
+                writer.write(name, output(name))
         tokenizer_source = next((s for s in sources if s.tokenizer_dir is not None), None)
         copy_tokenizer(tokenizer_source.tokenizer_dir if tokenizer_source else None, tmp)
         provenance = {
@@ -573,7 +627,7 @@ def add_expert(moe: str | Path | ModelSource, new: str | Path | ModelSource, dom
     new_config.dtype = dtype
     moe_shapes, new_shapes = parameter_shapes(config), parameter_shapes(new.config)
     output_shapes = parameter_shapes(new_config)
-    names = expected_tensor_names(new_config)
+    names = list(output_shapes)
 
     def read(source: ModelSource, name: str) -> torch.Tensor:
         tensor = source.tensor(name)
@@ -621,6 +675,22 @@ def add_expert(moe: str | Path | ModelSource, new: str | Path | ModelSource, dom
         })
         (tmp / PROVENANCE_NAME).write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
     return out
+
+
+@contextlib.contextmanager
+def _one_compute_thread() -> Iterator[None]:
+    """Run torch ops on one thread while the writer hashes and writes on a thread of its own.
+
+    Averaging is memory-bound, so more threads gain little, and with more busy threads than
+    cores an OpenMP worker that is descheduled stalls the whole op: a full-size mix on 2 busy
+    cores took ~20% less wall time this way. The setting is process-wide, so it is restored.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _quiet(progress: bool | None) -> bool | None:

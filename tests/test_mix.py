@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 
 from bam.checkpoint import load_model, open_model, save_model
 from bam.cli import main
-from bam.mix import new_router
+from bam.mix import mixed_config, new_router, parameter_shapes
+from bam.nexus import DomainEmbeddings
 
 TOKENS = torch.randint(0, 128, (2, 13), generator=torch.Generator().manual_seed(7))
 
@@ -347,6 +348,83 @@ def test_cli_subprocess_mix_and_refusal(tiny_config, random_model, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# parameter_shapes: computed from the config, it must name and shape exactly the model's parameters
+
+
+def _domains(n: int) -> DomainEmbeddings:
+    return DomainEmbeddings({f"d{j}": torch.ones(8) for j in range(n)}, {"kind": "test"})
+
+
+CONFIG_VARIANTS = {
+    "dense": lambda make: make(),
+    "sequential, layernorm, qkv bias, tied": lambda make: make(block="sequential", norm="layernorm", qkv_bias=True,
+                                                                tie_word_embeddings=True),
+    "head_dim != d / heads": lambda make: make(head_dim=24),
+    "btx": lambda make: mixed_config(make(), "btx", 3, top_k=2),
+    "bam, qkv bias": lambda make: mixed_config(make(qkv_bias=True), "bam", 3),
+    "bam-shared, tied": lambda make: mixed_config(make(tie_word_embeddings=True), "bam-shared", 4),
+    "nexus": lambda make: mixed_config(make(), "nexus", 3, domain_embeddings=_domains(3), nexus_hidden_dim=40),
+    "nexus-bam": lambda make: mixed_config(make(), "nexus-bam", 2, domain_embeddings=_domains(2)),
+    "nexus-bam-shared, one expert": lambda make: mixed_config(make(), "nexus-bam-shared", 1,
+                                                              domain_embeddings=_domains(1)),
+    "shared expert, linear router": lambda make: make(n_ffn_experts=3, ffn_top_k=2, ffn_shared_expert=True),
+    "shared expert, one expert": lambda make: make(ffn_shared_expert=True),
+    "kv_shared with one attention": lambda make: make(kv_shared=True),
+}
+
+
+@pytest.mark.parametrize("variant", CONFIG_VARIANTS)
+def test_parameter_shapes_match_the_model(variant, tiny_config):
+    from bam.model import BamForCausalLM
+
+    config = CONFIG_VARIANTS[variant](tiny_config)
+    with torch.device("meta"):
+        model = BamForCausalLM(config)
+    stored = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    if config.tie_word_embeddings:  # one tensor, stored once: under the embedding's name
+        assert stored.pop("lm_head.weight") == stored["model.embed_tokens.weight"]
+    shapes = parameter_shapes(config)
+    assert shapes == stored
+    assert list(shapes) == [name for name, _ in model.named_parameters()]  # the order mix writes them in
+
+
+def test_mixing_does_not_import_the_model(tiny_config, random_model, tmp_path):
+    """`bam mix` reads and writes tensors only: transformers' modeling code (seconds) stays unloaded."""
+    dense = save_dense(random_model, tiny_config(), tmp_path / "dense")
+    script = textwrap.dedent("""
+        import sys
+        from bam.cli import main
+        assert main(sys.argv[1:]) == 0
+        heavy = [m for m in ("bam.model", "transformers.modeling_utils", "transformers.generation.utils")
+                 if m in sys.modules]
+        print(",".join(heavy) or "none")
+    """)
+    done = subprocess.run([sys.executable, "-c", script, "mix", "--method", "bam", "--top-k", "2", "--out",
+                           str(tmp_path / "moe"), str(dense), str(dense)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "none"
+
+
+def test_auto_classes_build_bam_models_after_import_bam(tiny_config, random_model, tmp_path):
+    """`import bam` registers the model although it imports bam.model only on first use."""
+    dense = save_dense(random_model, tiny_config(), tmp_path / "dense")
+    script = textwrap.dedent("""
+        import sys
+        import bam
+        import transformers
+        assert "bam.model" not in sys.modules
+        model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1])
+        assert type(model) is bam.BamForCausalLM, type(model)
+        config = transformers.AutoConfig.from_pretrained(sys.argv[1])
+        assert type(transformers.AutoModelForCausalLM.from_config(config)) is bam.BamForCausalLM
+        print("ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", script, str(dense)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "ok"
+
+
+# ---------------------------------------------------------------------------------------------
 # Hugging Face sources
 
 
@@ -366,6 +444,22 @@ def test_mix_of_hf_llama_experts_preserves_function(tmp_path):
     with torch.no_grad():
         expected = reference(TOKENS).logits
     torch.testing.assert_close(logits_of(tmp_path / "bam"), expected, atol=1e-4, rtol=0)
+
+
+def test_hf_expert_with_a_wrong_ffn_piece_is_refused(tmp_path, capsys):
+    """The imported gate/up pieces are written without a concatenation, and still shape-checked."""
+    import transformers
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "good")
+    shutil.copytree(tmp_path / "good", tmp_path / "bad")
+    tensors = load_file(str(tmp_path / "bad" / "model.safetensors"))
+    name = "model.layers.1.mlp.up_proj.weight"
+    for bad, needle in ((torch.zeros(80, 64), "has 11264 values"), (torch.zeros(96, 32), "(96, 32)")):
+        save_file({**tensors, name: bad}, str(tmp_path / "bad" / "model.safetensors"), metadata={"format": "pt"})
+        capsys.readouterr()  # transformers' progress bar from save_pretrained
+        assert run_mix("btx", tmp_path / "out", tmp_path / "good", tmp_path / "bad") == 2
+        assert_refused(capsys, tmp_path, tmp_path / "out", "model.layers.1.ffn.experts.gate_up_proj", needle)
 
 
 # ---------------------------------------------------------------------------------------------
