@@ -197,7 +197,10 @@ def load_pipeline_file(path: str | Path) -> tuple[StudySettings, Path | None]:
         base = data.pop("demo")
         if base not in DEMO_PRESETS:
             raise BamError(f"{path}: demo={base!r}: expected one of {', '.join(DEMO_PRESETS)}")
-        data = {**DEMO_PRESETS[base], **data}
+        preset = dict(DEMO_PRESETS[base])
+        if "domains" in data:  # the preset's add-expert experiment is about the preset's own domains
+            preset.pop("add_expert", None)
+        data = {**preset, **data}
     try:
         return _from_dict(StudySettings, data, str(path)), (Path(out) if out else None)
     except TypeError as err:

@@ -50,6 +50,14 @@ def test_pipeline_file_accepts_an_add_expert_section(tmp_path):
     assert s.add_expert.finetune.steps == 50  # the section replaces the preset's, defaults fill the rest
 
 
+def test_own_domains_on_a_demo_preset_drop_its_add_expert_experiment(tmp_path):
+    path = tmp_path / "PIPELINE.yaml"
+    path.write_text(yaml.safe_dump({"demo": "tiny", "domains": {"general": "a.txt", "code": "b.txt"}}))
+    assert load_pipeline_file(path)[0].add_expert is None
+    path.write_text(yaml.safe_dump({"demo": "tiny"}))
+    assert load_pipeline_file(path)[0].add_expert.domain == "legal"
+
+
 def routing(shares_per_layer: list[float], n_experts: int) -> dict:
     """FFN routing [layer][domain][expert] where only legal's share of the last expert matters."""
     layers = []
