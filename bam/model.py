@@ -24,6 +24,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import ModelOutput
 
 from bam.config import BamConfig
+from bam.loss import linear_cross_entropy
 from bam.moe import fp32_linear, LinearRouter, MoEFFN, NexusRouter, SwiGLU, SwiGLUExperts
 
 
@@ -263,26 +264,40 @@ class BamForCausalLM(BamPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0,
-                output_routing=False, **kwargs) -> BamOutput:
-        """`labels` follow transformers: same positions as `input_ids`, shifted here, -100 ignored."""
+                output_routing=False, shift_labels=None, return_logits=True, **kwargs) -> BamOutput:
+        """`labels` follow transformers: same positions as `input_ids`, shifted here, -100 ignored.
+        `shift_labels` (transformers' loss-function name) are already shifted: the target of each
+        position, which lets a caller score every position including the last (`bam train`).
+
+        `return_logits=False` computes the LM loss with the fused, chunked head + cross-entropy of
+        bam/loss.py, which never materializes the [B, T, V] logits (about half of a training
+        step's time and memory at d=256, V=32000); `logits` is then None.
+        """
         hidden_BTD, cache, lb_loss, z_loss, routing = self.model(
             input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
             output_routing,
         )
         if logits_to_keep:
             hidden_BTD = hidden_BTD[:, -logits_to_keep:]
-        logits_BTV = self.lm_head(hidden_BTD)
-        if self.config.logit_scale != 1.0:
-            logits_BTV = logits_BTV * self.config.logit_scale
+        if shift_labels is None and labels is not None:
+            # Shift the labels, not the logits: slicing the logits would copy the largest tensor.
+            shift_labels = F.pad(labels[:, 1:], (0, 1), value=-100)
+        logits_BTV = lm_loss = None
+        if return_logits:
+            logits_BTV = self.lm_head(hidden_BTD)
+            if self.config.logit_scale != 1.0:
+                logits_BTV = logits_BTV * self.config.logit_scale
+            if shift_labels is not None:
+                lm_loss = F.cross_entropy(logits_BTV.flatten(0, 1).float(), shift_labels.flatten(), ignore_index=-100)
+        elif shift_labels is not None:
+            lm_loss = linear_cross_entropy(hidden_BTD.flatten(0, 1), self.lm_head.weight, shift_labels.flatten(),
+                                           logit_scale=self.config.logit_scale, ignore_index=-100)
 
         aux_loss = None
         if lb_loss is not None:
             aux_loss = self.config.router_aux_loss_coef * lb_loss + self.config.router_z_loss_coef * z_loss
-        loss = lm_loss = None
-        if labels is not None:
-            # Shift the labels, not the logits: slicing the logits would copy the largest tensor.
-            next_token_BT = F.pad(labels[:, 1:], (0, 1), value=-100)
-            lm_loss = F.cross_entropy(logits_BTV.flatten(0, 1).float(), next_token_BT.flatten(), ignore_index=-100)
+        loss = None
+        if lm_loss is not None:
             loss = lm_loss if aux_loss is None else lm_loss + aux_loss
         return BamOutput(loss=loss, logits=logits_BTV, past_key_values=cache, lm_loss=lm_loss,
                          aux_loss=aux_loss, load_balancing_loss=lb_loss, z_loss=z_loss,

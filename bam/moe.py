@@ -24,17 +24,25 @@ from torch import nn
 from bam.config import BamConfig
 
 
-def load_balancing_loss(probs_TE: torch.Tensor, expert_index_TK: torch.Tensor) -> torch.Tensor:
+def load_balancing_loss(probs_TE: torch.Tensor, expert_index_TK: torch.Tensor,
+                        counts_E: torch.Tensor | None = None) -> torch.Tensor:
     """Switch loss `N * sum_i f_i * P_i`.
 
     f_i is the share of the T*K dispatched (token, slot) pairs that go to expert i, so the loss is
     1.0 at perfect balance for every K (Mixtral counts per slot and gets K instead; normalising
-    keeps one coefficient meaningful across top-k settings).
+    keeps one coefficient meaningful across top-k settings). `counts_E`, the pairs per expert, can
+    be passed when the dispatch already counted them.
     """
     n_experts = probs_TE.shape[-1]
-    counts_E = torch.bincount(expert_index_TK.flatten(), minlength=n_experts)
+    if counts_E is None:
+        counts_E = expert_counts(expert_index_TK, n_experts)
     fraction_E = counts_E.to(probs_TE.dtype) / expert_index_TK.numel()
     return n_experts * torch.sum(fraction_E * probs_TE.mean(dim=0))
+
+
+def expert_counts(expert_index_TK: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """How many (token, slot) pairs each expert receives, [E]."""
+    return torch.bincount(expert_index_TK.flatten(), minlength=n_experts)
 
 
 def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
@@ -156,15 +164,23 @@ class SwiGLUExperts(nn.Module):
         gate_TF, up_TF = F.linear(h_TD, self.gate_up_proj[expert]).chunk(2, dim=-1)
         return F.linear(F.silu(gate_TF) * up_TF, self.down_proj[expert])
 
-    def forward(self, h_TD: torch.Tensor, expert_index_TK: torch.Tensor, gate_TK: torch.Tensor) -> torch.Tensor:
-        """Dropless: every (token, slot) pair is computed; output is sum_k gate_k * FFN_{e_k}(h)."""
+    def forward(self, h_TD: torch.Tensor, expert_index_TK: torch.Tensor, gate_TK: torch.Tensor,
+                counts_E: torch.Tensor | None = None) -> torch.Tensor:
+        """Dropless: every (token, slot) pair is computed; output is sum_k gate_k * FFN_{e_k}(h).
+
+        `counts_E` (pairs per expert, `expert_counts`) is computed here unless the caller has it.
+        """
         n_tokens, top_k = expert_index_TK.shape
         n_experts = self.gate_up_proj.shape[0]
         # Sort the T*K (token, slot) pairs by expert so each expert sees one contiguous block.
         flat_expert_S = expert_index_TK.flatten()
         order_S = torch.argsort(flat_expert_S, stable=True)
-        counts_E = torch.bincount(flat_expert_S, minlength=n_experts)
-        x_SD = h_TD[order_S // top_k]
+        if counts_E is None:
+            counts_E = expert_counts(expert_index_TK, n_experts)
+        token_S = order_S // top_k
+        # index_select rather than h_TD[token_S]: its backward is an index_add_, cheaper than
+        # advanced indexing's index_put_(accumulate=True).
+        x_SD = h_TD.index_select(0, token_S)
 
         if self.dispatch == "grouped" and _grouped_mm_usable(x_SD, self.gate_up_proj, self.down_proj):
             offsets_E = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
@@ -178,9 +194,11 @@ class SwiGLUExperts(nn.Module):
                     blocks.append(self.dense(x_block, expert))
             y_SD = torch.cat(blocks) if blocks else x_SD.new_zeros(0, x_SD.shape[1])
 
-        # Undo the sort, weight each slot by its gate and sum the K slots of each token.
-        y_TKD = torch.empty_like(y_SD).index_copy_(0, order_S, y_SD).view(n_tokens, top_k, -1)
-        return torch.einsum("tkd,tk->td", y_TKD, gate_TK.to(y_TKD.dtype))
+        # Weight each pair by its gate while still in sorted order and add the K slots of every
+        # token with one scatter: no unsort copy and no batched matmul, and the backward is a
+        # gather (index_select) of the output gradient.
+        gate_S = gate_TK.flatten().index_select(0, order_S).to(y_SD.dtype)
+        return y_SD.new_zeros(n_tokens, y_SD.shape[1]).index_add_(0, token_S, y_SD * gate_S[:, None])
 
 
 class SwiGLU(nn.Module):
@@ -229,8 +247,10 @@ class MoEFFN(nn.Module):
         else:
             h_TD = h_BTD.reshape(-1, h_BTD.shape[-1])
             routing = self.router(h_TD)
-            y_TD = self.experts(h_TD, routing.expert_index_TK, routing.gate_TK)
-            out = FFNOutput(y_TD.view_as(h_BTD), load_balancing_loss(routing.probs_TE, routing.expert_index_TK),
+            counts_E = expert_counts(routing.expert_index_TK, self.n_experts)  # once, for dispatch and loss
+            y_TD = self.experts(h_TD, routing.expert_index_TK, routing.gate_TK, counts_E)
+            out = FFNOutput(y_TD.view_as(h_BTD),
+                            load_balancing_loss(routing.probs_TE, routing.expert_index_TK, counts_E),
                             router_z_loss(routing.logits_TE), routing)
         if self.shared_expert is not None:  # always on, ungated: y = FFN_shared(h) + routed
             out.y_TD = out.y_TD + self.shared_expert(h_BTD)

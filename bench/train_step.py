@@ -8,7 +8,12 @@ vocab 32000, untied embeddings, batch 8 x 256. BTX: 4 experts of d_ff 1024, top-
 Router auxiliary loss ON in both MoEs with coefficient 0.01 (Mixtral: output_router_logits=True,
 its load-balancing loss; ours: load balancing 0.01 plus our z-loss 1e-3, also computed).
 Both sides: loss from `labels` (shifted inside the model), SDPA attention, no KV cache, AdamW
-(lr 1e-4, weight decay 0.1, torch's default foreach implementation).
+lr 1e-4, weight decay 0.1. Our models run the way `bam train` runs them: the LM loss through the
+fused, chunked head + cross-entropy (`return_logits=False`, bam/loss.py) and bam.train's optimizer
+(`make_optimizer`: fused AdamW, no decay on norms and routers). The peers run as transformers'
+models do by default: logits, then the cross-entropy, and torch's default AdamW (single-tensor on
+CPU; transformers' Trainer would pick the fused kernel on torch >= 2.8; the difference is 2% of a
+step at 1 thread and 5% at 2 threads here, see bench/README.md).
 
 MFU = achieved training FLOPs / fp32 matmul throughput, FLOPs counted as METHOD.md section 5 does
 (bam.cost.flops_per_token with n_ctx = sequence length, training = 3 x inference). The throughput
@@ -24,6 +29,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralFo
 from bam import cost
 from bam.config import BamConfig
 from bam.model import BamForCausalLM
+from bam.train import make_optimizer
 from bench import matmul
 from bench.common import Options, check, check_result, compare, finish, log, new_result, ratio
 
@@ -65,12 +71,16 @@ def llama(s: dict) -> LlamaForCausalLM:
 
 
 def trainer(model, ids: torch.Tensor, first_loss: dict, key: str):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+    ours = isinstance(model, BamForCausalLM)
+    if ours:  # as bam train runs it: fused AdamW, fused LM loss
+        optimizer, loss_kwargs = make_optimizer(model, lr=1e-4, weight_decay=0.1), {"return_logits": False}
+    else:
+        optimizer, loss_kwargs = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1), {}
     model.train()
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss = model(input_ids=ids, labels=ids, use_cache=False, **loss_kwargs).loss
         loss.backward()
         optimizer.step()
         first_loss.setdefault(key, float(loss.detach()))
@@ -148,6 +158,9 @@ def run(opts: Options) -> dict:
                            f"({', '.join(f'{k}: {v:.1f}' for k, v in ref_gflops.items())}) timed in the same rounds "
                            f"as the steps; 'MFU vs matmul bench' divides by the matmul benchmark's peak "
                            f"({peak:.1f} GFLOP/s) instead")
+    result["notes"].append("ours run as `bam train` runs them: fused chunked LM head + cross-entropy (no logits "
+                           "tensor, bam/loss.py) and fused AdamW (bam.train.make_optimizer); the transformers "
+                           "models as they are: logits + cross-entropy from `labels`, torch's default AdamW")
     result["notes"].append("METHOD.md's count omits norms, softmax, RoPE, the loss and the optimizer and counts "
                            "attention scores once (2*n_ctx*d), so MFU is conservative for attention-heavy shapes")
     finish(result)
