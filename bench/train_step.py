@@ -11,9 +11,8 @@ Both sides: loss from `labels` (shifted inside the model), SDPA attention, no KV
 lr 1e-4, weight decay 0.1. Our models run the way `bam train` runs them: the LM loss through the
 fused, chunked head + cross-entropy (`return_logits=False`, bam/loss.py) and bam.train's optimizer
 (`make_optimizer`: fused AdamW, no decay on norms and routers). The peers run as transformers'
-models do by default: logits, then the cross-entropy, and torch's default AdamW (single-tensor on
-CPU; transformers' Trainer would pick the fused kernel on torch >= 2.8; the difference is 2% of a
-step at 1 thread and 5% at 2 threads here, see bench/README.md).
+Trainer runs them by default: logits, then the cross-entropy, and the fused AdamW kernel (Trainer's
+default optimizer, `adamw_torch_fused`, on torch >= 2.8), so the optimizer is no part of the ratio.
 
 MFU = achieved training FLOPs / fp32 matmul throughput, FLOPs counted as METHOD.md section 5 does
 (bam.cost.flops_per_token with n_ctx = sequence length, training = 3 x inference). The throughput
@@ -75,7 +74,8 @@ def trainer(model, ids: torch.Tensor, first_loss: dict, key: str):
     if ours:  # as bam train runs it: fused AdamW, fused LM loss
         optimizer, loss_kwargs = make_optimizer(model, lr=1e-4, weight_decay=0.1), {"return_logits": False}
     else:
-        optimizer, loss_kwargs = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1), {}
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)  # as Trainer
+        loss_kwargs = {}
     model.train()
 
     def step():
@@ -160,7 +160,8 @@ def run(opts: Options) -> dict:
                            f"({peak:.1f} GFLOP/s) instead")
     result["notes"].append("ours run as `bam train` runs them: fused chunked LM head + cross-entropy (no logits "
                            "tensor, bam/loss.py) and fused AdamW (bam.train.make_optimizer); the transformers "
-                           "models as they are: logits + cross-entropy from `labels`, torch's default AdamW")
+                           "models as transformers' Trainer runs them: logits + cross-entropy from `labels`, fused AdamW "
+                           "(Trainer's default `adamw_torch_fused`)")
     result["notes"].append("METHOD.md's count omits norms, softmax, RoPE, the loss and the optimizer and counts "
                            "attention scores once (2*n_ctx*d), so MFU is conservative for attention-heavy shapes")
     finish(result)
