@@ -91,6 +91,14 @@ def test_tiny_demo_cost_is_consistent(uninterrupted):
     assert btx["flops_per_token"] < shared["flops_per_token"] < bam["flops_per_token"]
 
 
+def start_demo(out: Path) -> subprocess.Popen:
+    # A background job of a non-interactive shell (how CI may run us) starts with SIGINT ignored,
+    # and Python keeps an ignored SIGINT ignored: give the demo the default disposition, so that it
+    # reacts to SIGINT as it does in a terminal.
+    return subprocess.Popen([*DEMO, "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
 def wait_for(path_glob: str, root: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
     deadline = time.time() + timeout
     while not list(root.glob(path_glob)):
@@ -102,12 +110,12 @@ def wait_for(path_glob: str, root: Path, proc: subprocess.Popen, timeout: float 
 def test_interrupted_demo_resumes_to_the_same_numbers(uninterrupted, tmp_path):
     out = tmp_path / "run"
     # SIGINT while the seed model trains, after its first checkpoint ...
-    proc = subprocess.Popen([*DEMO, "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = start_demo(out)
     wait_for("stages/seed-*/run/checkpoints/step_*/trainer.json", out, proc)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=120) != 0
     # ... then SIGKILL in the middle of an expert's continued pretraining ...
-    proc = subprocess.Popen([*DEMO, "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = start_demo(out)
     wait_for("stages/expert-math-*/run/metrics.jsonl", out, proc)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
