@@ -323,15 +323,6 @@ def config_from_dict(config_dict: dict, where: Path | str) -> BamConfig:
         raise BamError(f"{where}: invalid config ({_first_line(err)})") from None
 
 
-def expected_tensor_names(config: BamConfig) -> list[str]:
-    """The parameter names of a model with this config, in module order (tied lm_head left out)."""
-    from bam.model import BamForCausalLM  # noqa: PLC0415
-
-    with torch.device("meta"):
-        model = BamForCausalLM(config)
-    return [name for name, _ in model.named_parameters()]  # named_parameters skips the tied duplicate
-
-
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
     """Build a BamForCausalLM from any checkpoint `open_model` accepts, checking every tensor's shape."""
     from bam.model import BamForCausalLM  # noqa: PLC0415
