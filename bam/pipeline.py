@@ -629,6 +629,11 @@ def summarize_add_expert(settings: StudySettings, per_seed: dict) -> dict | None
             "old_avg_ppl": _stat([statistics.fmean(e["perplexity"][d] for d in old) for e in evals]),
             "new_expert_share": _stat(shares) if None not in shares else None,
         }
+    # Relative change on the old domains against the mixture before adding, per seed (the report's
+    # table and the summary line both read it from here).
+    for role, row in rows.items():
+        row["old_change"] = None if role in ("dense", "before") else _stat(
+            [a / b - 1 for a, b in zip(row["old_avg_ppl"]["per_seed"], rows["before"]["old_avg_ppl"]["per_seed"])])
     n = len(settings.seeds)
 
     def per_seed_of(role: str, key: str) -> list[float]:
@@ -642,8 +647,6 @@ def summarize_add_expert(settings: StudySettings, per_seed: dict) -> dict | None
         f"Nexus router beats linear reset on {domain}": [a < b for a, b in zip(nexus, reset)],
         f"most {domain} tokens go to the new expert": [x > 0.5 for x in share],
     }
-    old_change = [a / b - 1 for a, b in zip(per_seed_of("added-finetuned", "old_avg_ppl"),
-                                             per_seed_of("before", "old_avg_ppl"))]
     label = ADD_EXPERT_LABELS[settings.add_expert.method]
     lines = [
         f"{label} + {domain} (finetuned) below the mixture before adding on {domain}: "
@@ -658,7 +661,7 @@ def summarize_add_expert(settings: StudySettings, per_seed: dict) -> dict | None
         f"{statistics.fmean(share):.1%} (above 50% in {sum(checks[f'most {domain} tokens go to the new expert'])}/{n} "
         f"seeds); linear reset finetuned: {statistics.fmean(per_seed_of('reset-finetuned', 'new_expert_share')):.1%}",
         f"old domains ({', '.join(old)}) average perplexity after adding and finetuning: "
-        f"{statistics.fmean(old_change):+.1%} relative to before adding",
+        f"{rows['added-finetuned']['old_change']['mean']:+.1%} relative to before adding",
     ]
     return {"domain": domain, "old_domains": old, "method": settings.add_expert.method, "rows": rows,
             "checks": checks, "lines": lines}

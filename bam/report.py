@@ -212,13 +212,12 @@ def plot_cost(results: dict, out: Path) -> Path | None:
 def add_expert_table(results: dict) -> str:
     experiment = results["add_expert"]
     domain, old = experiment["domain"], experiment["old_domains"]
-    before = experiment["rows"]["before"]["old_avg_ppl"]["mean"]
     lines = [f"| model | steps after adding | {domain} perplexity | old domains avg perplexity | "
              f"old domains vs before adding | share of {domain} tokens to the new expert |",
              "|---|---|---|---|---|---|"]
-    for role, row in experiment["rows"].items():
+    for row in experiment["rows"].values():
         share = "—" if row["new_expert_share"] is None else f"{row['new_expert_share']['mean']:.1%}"
-        change = "—" if role in ("dense", "before") else f"{row['old_avg_ppl']['mean'] / before - 1:+.1%}"
+        change = "—" if row["old_change"] is None else f"{row['old_change']['mean']:+.1%}"
         lines.append(f"| {row['name']} | {row['steps_after_adding']} | {_ppl_cell(row['new_ppl'])} | "
                      f"{_ppl_cell(row['old_avg_ppl'])} | {change} | "
                      f"{share} |")
