@@ -126,6 +126,12 @@ def fp32_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(x.float(), weight.float())
 
 
+def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """`down (silu(gate x) * up x)` with `gate_up` = [gate; up] stacked as [2F, D], down [D, F]."""
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, down)
+
+
 def _contiguous_grad(grad: torch.Tensor) -> torch.Tensor:
     # grouped_mm's backward rejects stride-0 gradients (e.g. from `out.sum().backward()`).
     return grad.contiguous()
@@ -161,8 +167,11 @@ class SwiGLUExperts(nn.Module):
 
     def dense(self, h_TD: torch.Tensor, expert: int = 0) -> torch.Tensor:
         """Run every token through one expert."""
-        gate_TF, up_TF = F.linear(h_TD, self.gate_up_proj[expert]).chunk(2, dim=-1)
-        return F.linear(F.silu(gate_TF) * up_TF, self.down_proj[expert])
+        if self.gate_up_proj.shape[0] == 1:
+            # A view, whose backward is free; indexing's backward would build a zero gradient of
+            # the whole [1, 2F, D] tensor and copy into it, one more pass over the weights.
+            return swiglu(h_TD, self.gate_up_proj.squeeze(0), self.down_proj.squeeze(0))
+        return swiglu(h_TD, self.gate_up_proj[expert], self.down_proj[expert])
 
     def forward(self, h_TD: torch.Tensor, expert_index_TK: torch.Tensor, gate_TK: torch.Tensor,
                 counts_E: torch.Tensor | None = None) -> torch.Tensor:
@@ -187,11 +196,12 @@ class SwiGLUExperts(nn.Module):
             gate_SF, up_SF = grouped_matmul(x_SD, self.gate_up_proj, offsets_E).chunk(2, dim=-1)
             y_SD = grouped_matmul(F.silu(gate_SF) * up_SF, self.down_proj, offsets_E)
         else:
-            # Exact fallback: one plain matmul per expert that received tokens.
-            blocks = []
-            for expert, x_block in enumerate(torch.split(x_SD, counts_E.tolist())):
-                if x_block.shape[0]:
-                    blocks.append(self.dense(x_block, expert))
+            # Exact fallback: one plain matmul per expert that received tokens. The weights are
+            # unbound once, whose backward stacks the experts' gradients; indexing them per expert
+            # would build a zero gradient of all E experts for each one (E^2 memory traffic).
+            gate_up_E, down_E = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
+            blocks = [swiglu(x_block, gate_up_E[expert], down_E[expert])
+                      for expert, x_block in enumerate(torch.split(x_SD, counts_E.tolist())) if x_block.shape[0]]
             y_SD = torch.cat(blocks) if blocks else x_SD.new_zeros(0, x_SD.shape[1])
 
         # Weight each pair by its gate while still in sorted order and add the K slots of every
@@ -211,8 +221,7 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(d, f))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(h, self.gate_up_proj).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down_proj)
+        return swiglu(h, self.gate_up_proj, self.down_proj)
 
 
 @dataclass

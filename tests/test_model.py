@@ -119,6 +119,30 @@ def test_grouped_dispatch_equals_per_expert_loop(top_k, renormalize):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+def test_expert_without_tokens_gets_a_zero_gradient_in_both_dispatches():
+    # The loop's backward stacks per-expert gradients; an expert that received no token has none
+    # to stack, and must come back as zeros, as from grouped_mm, not as garbage or an error.
+    config = tiny(n_ffn_experts=4, ffn_top_k=1)
+    grads = []
+    for dispatch in ("grouped", "loop"):
+        torch.manual_seed(0)
+        ffn = MoEFFN(tiny(n_ffn_experts=4, ffn_top_k=1, expert_dispatch=dispatch))
+        for p in ffn.parameters():
+            torch.nn.init.normal_(p, std=0.3)
+        with torch.no_grad():
+            ffn.router.weight[3] = -100.0 * ffn.router.weight[:3].abs().sum(0)  # expert 3: never chosen
+        h = torch.rand(2, 9, config.hidden_size) + 0.1  # positive, so expert 3's logit is very negative
+        out = ffn(h)
+        assert not (out.routing.expert_index_TK == 3).any()
+        out.y_TD.square().sum().backward()
+        grads.append((ffn.experts.gate_up_proj.grad, ffn.experts.down_proj.grad))
+    for gate_up, down in grads:
+        assert gate_up[3].abs().max() == 0 and down[3].abs().max() == 0
+        assert gate_up[:3].abs().max() > 0
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_moe_ffn_equals_explicit_gate_weighted_sum():
     config = tiny(n_ffn_experts=3, ffn_top_k=2)
     torch.manual_seed(1)
