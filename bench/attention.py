@@ -107,7 +107,7 @@ def run(opts: Options) -> dict:
             diff = diff.abs().max().item()
         log(f"[attention] d={d} N={n}: timing")
         timings = compare({name: fwd_bwd(m, h, cos_sin, grad) for name, m in mods.items()},
-                          repeats=opts.n_repeats(7, 5), warmup=opts.n_warmup(2, 1), device=device)
+                          repeats=opts.n_repeats(11, 5), warmup=opts.n_warmup(2, 1), device=device)
         med = {name: t.median for name, t in timings.items()}
         rows = [{"implementation": name, "ms": med[name] * 1e3, "x dense": ratio(med[name], med["dense attention"]),
                  "x naive": ratio(med[name], med["naive, N attentions"]), "spread": timings[name].spread}
