@@ -165,13 +165,11 @@ class SwiGLUExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(n_experts, d, f))
         self.dispatch = config.expert_dispatch
 
-    def dense(self, h_TD: torch.Tensor, expert: int = 0) -> torch.Tensor:
-        """Run every token through one expert."""
-        if self.gate_up_proj.shape[0] == 1:
-            # A view, whose backward is free; indexing's backward would build a zero gradient of
-            # the whole [1, 2F, D] tensor and copy into it, one more pass over the weights.
-            return swiglu(h_TD, self.gate_up_proj.squeeze(0), self.down_proj.squeeze(0))
-        return swiglu(h_TD, self.gate_up_proj[expert], self.down_proj[expert])
+    def dense(self, h_TD: torch.Tensor) -> torch.Tensor:
+        """Run every token through the only expert: the dense model's FFN."""
+        # squeeze(0) is a view, whose backward is free; indexing [0] would build a zero gradient
+        # of the whole [1, 2F, D] tensor and copy into it, one more pass over the weights.
+        return swiglu(h_TD, self.gate_up_proj.squeeze(0), self.down_proj.squeeze(0))
 
     def forward(self, h_TD: torch.Tensor, expert_index_TK: torch.Tensor, gate_TK: torch.Tensor,
                 counts_E: torch.Tensor | None = None) -> torch.Tensor:
