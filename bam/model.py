@@ -46,17 +46,41 @@ class Norm(nn.Module):
 
 
 def rope_cos_sin(position_ids_BT: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos/sin tables for rotate-half RoPE; computed per call, so there is no buffer to keep in sync."""
+    """cos/sin of the rotation angles, [B, T, head_dim / 2] each: rotate-half RoPE turns the pair
+    (x_i, x_{i + head_dim/2}) by angle i, so half a table is all there is. Computed per call, so
+    there is no buffer to keep in sync."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=position_ids_BT.device).float() / head_dim)
-    freqs_BTF = position_ids_BT.float()[..., None] * inv_freq
-    angles_BTD = torch.cat([freqs_BTF, freqs_BTF], dim=-1)
-    return angles_BTD.cos().to(dtype), angles_BTD.sin().to(dtype)
+    angles_BTF = position_ids_BT.float()[..., None] * inv_freq
+    return angles_BTF.cos().to(dtype), angles_BTF.sin().to(dtype)
 
 
-def apply_rope(x_BHTD: torch.Tensor, cos_BTD: torch.Tensor, sin_BTD: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x_BHTD.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return x_BHTD * cos_BTD[:, None] + rotated * sin_BTD[:, None]
+def apply_rope(x_BHTD: torch.Tensor, cos_BTF: torch.Tensor, sin_BTF: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE (Llama's `x * cos + rotate_half(x) * sin`) on [B, H, T, Dh], any strides."""
+    return _Rope.apply(x_BHTD, cos_BTF[:, None], sin_BTF[:, None], 1.0)
+
+
+class _Rope(torch.autograd.Function):
+    """RoPE as one rotation per pair: two passes over x where the textbook form (negate, concatenate,
+    two products, a sum) makes five, each a full read and write of q or k; that matters most for the
+    mixture of attention, whose q has N times the heads. The backward is the inverse rotation
+    (the same with -sin), itself a _Rope, so higher-order gradients work too.
+    """
+
+    @staticmethod
+    def forward(ctx, x, cos, sin, sign: float):
+        ctx.save_for_backward(cos, sin)
+        ctx.sign = sign
+        x1, x2 = x.chunk(2, dim=-1)
+        out = torch.empty_like(x)  # keeps x's strides: q arrives as a permuted view
+        out1, out2 = out.chunk(2, dim=-1)
+        torch.mul(x1, cos, out=out1).addcmul_(x2, sin, value=-sign)  # x1 cos - x2 sin
+        torch.mul(x2, cos, out=out2).addcmul_(x1, sin, value=sign)  # x2 cos + x1 sin
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return _Rope.apply(grad, cos, sin, -ctx.sign), None, None, None
 
 
 def attention_mask_for(attention_mask_BS: torch.Tensor | None, q_len: int, past_len: int, device):

@@ -81,6 +81,27 @@ def test_mixture_of_attention_equals_naive_per_expert_attention(variant):
     torch.testing.assert_close(ours, naive_attention(attn, h, positions), atol=1e-5, rtol=1e-5)
 
 
+def test_rope_matches_transformers_llama_in_value_and_gradient():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from bam.model import apply_rope, rope_cos_sin
+
+    B, T, H, Dh = 2, 7, 3, 16
+    positions = torch.tensor([[0, 1, 2, 3, 4, 5, 6], [3, 4, 5, 6, 7, 8, 9]])  # a cached prefix in row 1
+    cos_half, sin_half = rope_cos_sin(positions, Dh, 500.0, torch.float64)
+    cos, sin = torch.cat([cos_half, cos_half], -1), torch.cat([sin_half, sin_half], -1)  # Llama's tables
+    # q as the attention module makes it: a permuted view of [B, T, H, Dh]
+    x = torch.randn(B, T, H, Dh, dtype=torch.float64).transpose(1, 2).requires_grad_()
+    grad = torch.randn(B, H, T, Dh, dtype=torch.float64)
+    ours = apply_rope(x, cos_half, sin_half)
+    reference, _ = apply_rotary_pos_emb(x, x, cos, sin)
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-12)
+    (ours_grad,) = torch.autograd.grad(ours, x, grad)
+    (reference_grad,) = torch.autograd.grad(reference, x, grad)
+    torch.testing.assert_close(ours_grad, reference_grad, rtol=0, atol=1e-12)
+    assert torch.autograd.gradgradcheck(lambda t: apply_rope(t, cos_half, sin_half), (x,))
+
+
 def test_kv_sharing_equals_kv_experts_when_experts_share_kv():
     experts = model_for(tiny(**VARIANTS["bam"]))
     shared = BamForCausalLM(tiny(**{**VARIANTS["bam"], "kv_shared": True})).eval()
