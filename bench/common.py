@@ -134,6 +134,26 @@ def compare(fns: dict[str, Callable[[], object]], *, repeats: int, warmup: int, 
     return {name: Timing(t) for name, t in times.items()}
 
 
+def faulted_bytes_per_call(fn: Callable[[], object], *, calls: int = 3, warmup: int = 1) -> float | None:
+    """Memory newly paged in per call of `fn` (minor page faults x page size), run back to back.
+
+    On CPU a tensor larger than glibc's largest mmap threshold (32 MiB) is mapped afresh on every
+    allocation and the kernel zero-fills it page by page on first touch; this shows how much of an
+    implementation's time goes there. None where it does not apply (no getrusage, or CUDA).
+    """
+    try:
+        import resource
+    except ImportError:  # not a Unix
+        return None
+    for _ in range(warmup):
+        fn()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(calls):
+        fn()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    return faults * resource.getpagesize() / calls
+
+
 def ratio(a: float | None, b: float | None) -> float | None:
     if a is None or b is None or b == 0:
         return None

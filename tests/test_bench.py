@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from bench import __main__ as driver
-from bench.common import Options, check_result, render_markdown, write_json, write_markdown
+from bench.common import Options, check_result, faulted_bytes_per_call, render_markdown, write_json, write_markdown
 
 
 @pytest.fixture(scope="module")
@@ -37,3 +38,17 @@ def test_benchmark_runs_and_reports_schema(name, context, tmp_path):
 def test_cli_rejects_unknown_benchmark():
     with pytest.raises(SystemExit):
         driver.parse_args(["--only", "nope"])
+
+
+def test_faulted_bytes_counts_fresh_large_blocks_and_not_reused_ones():
+    size = 64 * 2**20  # above glibc's largest mmap threshold: mapped afresh on every allocation
+    kept = torch.empty(size // 4)
+
+    def fresh():
+        torch.ones(size // 4)
+
+    def reuse():
+        kept.fill_(1.0)
+
+    assert faulted_bytes_per_call(fresh) >= 0.9 * size
+    assert faulted_bytes_per_call(reuse) < 0.05 * size
