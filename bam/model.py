@@ -175,14 +175,14 @@ class Block(nn.Module):
         self.attn = MixtureOfAttention(config, layer_idx)
         self.ffn = MoEFFN(config)
 
-    def forward(self, x_BTD, cos_sin, mask, cache):
+    def forward(self, x_BTD, cos_sin, mask, cache, aux_losses: bool = True):
         h_BTD = self.input_norm(x_BTD)
         attn_BTD, attn_gates = self.attn(h_BTD, cos_sin, mask, cache)
         if self.parallel:
-            ffn = self.ffn(h_BTD)
+            ffn = self.ffn(h_BTD, aux_losses)
             return x_BTD + attn_BTD + ffn.y_TD, ffn, attn_gates
         x_BTD = x_BTD + attn_BTD
-        ffn = self.ffn(self.post_attention_norm(x_BTD))
+        ffn = self.ffn(self.post_attention_norm(x_BTD), aux_losses)
         return x_BTD + ffn.y_TD, ffn, attn_gates
 
 
@@ -250,8 +250,11 @@ class BamModel(BamPreTrainedModel):
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, output_routing=False, **kwargs):
+                inputs_embeds=None, use_cache=None, output_routing=False, aux_losses=None, **kwargs):
+        """`aux_losses`: compute the routers' load-balancing and z losses; by default only in
+        training mode (BamForCausalLM also asks for them whenever it computes a loss)."""
         config = self.config
+        aux_losses = self.training if aux_losses is None else aux_losses
         x_BTD = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         use_cache = config.use_cache if use_cache is None else use_cache
         if use_cache and past_key_values is None:
@@ -266,7 +269,7 @@ class BamModel(BamPreTrainedModel):
         lb_loss = z_loss = None
         routing = [] if output_routing else None
         for layer in self.layers:
-            x_BTD, ffn, attn_gates = layer(x_BTD, cos_sin, mask, past_key_values if use_cache else None)
+            x_BTD, ffn, attn_gates = layer(x_BTD, cos_sin, mask, past_key_values if use_cache else None, aux_losses)
             if ffn.load_balancing_loss is not None:
                 lb_loss = ffn.load_balancing_loss + (0 if lb_loss is None else lb_loss)
                 z_loss = ffn.z_loss + (0 if z_loss is None else z_loss)
@@ -296,10 +299,14 @@ class BamForCausalLM(BamPreTrainedModel, GenerationMixin):
         `return_logits=False` computes the LM loss with the fused, chunked head + cross-entropy of
         bam/loss.py, which never materializes the [B, T, V] logits (about half of a training
         step's time and memory at d=256, V=32000); `logits` is then None.
+
+        The routers' auxiliary losses (`aux_loss` and its parts) are computed in training mode or
+        when a loss is asked for; otherwise they are None, as in generation.
         """
+        wants_loss = labels is not None or shift_labels is not None
         hidden_BTD, cache, lb_loss, z_loss, routing = self.model(
             input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
-            output_routing,
+            output_routing, aux_losses=self.training or wants_loss,
         )
         if logits_to_keep:
             hidden_BTD = hidden_BTD[:, -logits_to_keep:]

@@ -248,7 +248,10 @@ class MoEFFN(nn.Module):
         self.experts = SwiGLUExperts(config, self.n_experts)
         self.shared_expert = SwiGLU(config) if config.ffn_shared_expert else None
 
-    def forward(self, h_BTD: torch.Tensor) -> FFNOutput:
+    def forward(self, h_BTD: torch.Tensor, aux_losses: bool = True) -> FFNOutput:
+        """`aux_losses=False` skips the load-balancing and z losses (left None): inference has no
+        use for them, and in decoding, where a step is a few tokens, their ~20 small ops per layer
+        are a measurable share of the step."""
         if self.router is None:
             out = FFNOutput(self.experts.dense(h_BTD))
         else:
@@ -256,9 +259,10 @@ class MoEFFN(nn.Module):
             routing = self.router(h_TD)
             counts_E = expert_counts(routing.expert_index_TK, self.n_experts)  # once, for dispatch and loss
             y_TD = self.experts(h_TD, routing.expert_index_TK, routing.gate_TK, counts_E)
-            out = FFNOutput(y_TD.view_as(h_BTD),
-                            load_balancing_loss(routing.probs_TE, routing.expert_index_TK, counts_E),
-                            router_z_loss(routing.logits_TE), routing)
+            out = FFNOutput(y_TD.view_as(h_BTD), routing=routing)
+            if aux_losses:
+                out.load_balancing_loss = load_balancing_loss(routing.probs_TE, routing.expert_index_TK, counts_E)
+                out.z_loss = router_z_loss(routing.logits_TE)
         if self.shared_expert is not None:  # always on, ungated: y = FFN_shared(h) + routed
             out.y_TD = out.y_TD + self.shared_expert(h_BTD)
         return out

@@ -204,6 +204,19 @@ def test_loss_adds_coefficient_weighted_aux_losses():
     assert model_for(tiny()).forward(ids, labels=ids).aux_loss is None
 
 
+def test_aux_losses_only_in_training_or_with_a_loss_and_the_same_either_way():
+    model = model_for(tiny(n_ffn_experts=3))  # eval mode
+    ids = torch.randint(0, 61, (2, 9))
+    inference = model(ids)
+    assert inference.aux_loss is None and inference.load_balancing_loss is None and inference.z_loss is None
+    scored = model(ids, labels=ids)
+    torch.testing.assert_close(inference.logits, scored.logits, rtol=0, atol=0)
+    model.train()
+    training = model(ids)
+    torch.testing.assert_close(training.load_balancing_loss, scored.load_balancing_loss)
+    torch.testing.assert_close(training.z_loss, scored.z_loss)
+
+
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_generation_with_kv_cache_equals_without(variant):
     model = model_for(tiny(**VARIANTS[variant]))
