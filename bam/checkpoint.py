@@ -431,22 +431,24 @@ def _write_error(err: BaseException, out: Path) -> BamError | None:
     return error
 
 
-def _temporary_prefix(out: Path) -> str:
-    # Hidden, named after `out`, and owned: which process on which machine is writing it.
-    return f".{out.name}.tmp-{os.getpid()}@{socket.gethostname()}-"
+def _temporary_prefix(out: Path, kind: str = "tmp") -> str:
+    # Hidden, named after `out`, and owned: which process on which machine is writing it. `kind`
+    # is "tmp" for the directory being written, "old" for the copy an overwrite moves aside.
+    return f".{out.name}.{kind}-{os.getpid()}@{socket.gethostname()}-"
 
 
 def _remove_stale_temporaries(out: Path) -> None:
     """Delete temporary directories of `out` left by killed processes on this machine.
 
-    A process killed mid-write leaves its hidden temporary directory behind; the next write of
-    the same output removes it. Only directories whose owner is on this host and no longer
+    A process killed mid-write leaves its hidden temporary directory behind, and one killed
+    between the two renames of an overwrite leaves the replaced copy moved aside; the next write
+    of the same output removes both. Only directories whose owner is on this host and no longer
     running are removed: a live writer's (another rank, a racing cache build) is never touched,
     and neither is one from another machine sharing the file system.
     """
     host = socket.gethostname()
-    pattern = re.compile(rf"^\.{re.escape(out.name)}\.tmp-(\d+)@(.+)-[^-]+$")
-    for path in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.(?:tmp|old)-(\d+)@(.+)-[^-]+$")
+    for path in out.parent.glob(f".{glob.escape(out.name)}.*-*"):
         match = pattern.match(path.name)
         if match and match.group(2) == host and not _process_alive(int(match.group(1))):
             shutil.rmtree(path, ignore_errors=True)
@@ -490,7 +492,7 @@ def _publish(tmp: Path, out: Path, keep_existing: bool) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         return
     # POSIX cannot rename over a non-empty directory: move the old one aside first, then drop it.
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    old = Path(tempfile.mkdtemp(prefix=_temporary_prefix(out, "old"), dir=out.parent))
     os.rename(out, old / out.name)
     os.rename(tmp, out)
     shutil.rmtree(old, ignore_errors=True)

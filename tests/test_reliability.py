@@ -251,11 +251,20 @@ def test_atomic_output_dir_cleans_up_after_itself_and_after_killed_writers(tmp_p
     dead = tmp_path / f".out.tmp-{dead_pid}@{host}-abc123"
     alive = tmp_path / f".out.tmp-{os.getpid()}@{host}-def456"
     elsewhere = tmp_path / f".out.tmp-{dead_pid}@not-{host}-ghi789"
-    for path in (dead, alive, elsewhere):
+    moved_aside = tmp_path / f".out.old-{dead_pid}@{host}-jkl012"  # killed between an overwrite's renames
+    other_output = tmp_path / f".out2.tmp-{dead_pid}@{host}-mno345"
+    for path in (dead, alive, elsewhere, moved_aside, other_output):
         path.mkdir()
+    (moved_aside / "out").mkdir()
     with atomic_output_dir(tmp_path / "out") as tmp:
         (tmp / "x").write_text("x")
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, elsewhere.name, "out"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, elsewhere.name, other_output.name, "out"])
+
+    # An overwrite moves the old copy aside under an owned name and leaves nothing behind.
+    with atomic_output_dir(tmp_path / "out", overwrite=True) as tmp:
+        (tmp / "y").write_text("y")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["y"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, elsewhere.name, other_output.name, "out"])
 
 
 # ---------------------------------------------------------------------------------------------
