@@ -175,7 +175,7 @@ class Block(nn.Module):
         self.attn = MixtureOfAttention(config, layer_idx)
         self.ffn = MoEFFN(config)
 
-    def forward(self, x_BTD, cos_sin, mask, cache, aux_losses: bool = True):
+    def forward(self, x_BTD, cos_sin, mask, cache, aux_losses: bool):
         h_BTD = self.input_norm(x_BTD)
         attn_BTD, attn_gates = self.attn(h_BTD, cos_sin, mask, cache)
         if self.parallel:

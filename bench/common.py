@@ -88,6 +88,17 @@ def synchronize(device: str) -> None:
 @dataclass
 class Timing:
     times: list[float]
+    paged_in: list[int] = field(default_factory=list)  # bytes newly paged in during each timed call
+
+    @property
+    def paged_in_median(self) -> float | None:
+        """Memory the kernel newly mapped and zero-filled per call (minor page faults x page size).
+
+        On CPU glibc maps every block over 32 MiB afresh and unmaps it on free, so the kernel
+        zero-fills it page by page on first touch, on every call: this shows how much of a
+        call's time can go there. None where it is not measured (no getrusage).
+        """
+        return statistics.median(self.paged_in) if self.paged_in else None
 
     @property
     def median(self) -> float:
@@ -106,18 +117,28 @@ class Timing:
         return {"median_s": self.median, "min_s": self.best, "spread": self.spread, "times_s": self.times}
 
 
+def _paged_in_so_far() -> int | None:
+    """Bytes this process has newly paged in (minor faults x page size); None without getrusage."""
+    try:
+        import resource
+    except ImportError:  # not a Unix
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt * resource.getpagesize()
+
+
 def compare(fns: dict[str, Callable[[], object]], *, repeats: int, warmup: int, device: str = "cpu") -> dict[str, Timing]:
     """Time each callable `repeats` times, interleaved round-robin with a rotating order.
 
     Every callable is called `warmup` times first (also interleaved). The garbage collector is run
     before and disabled during each round so a collection does not land inside one implementation.
+    The memory each timed call pages in is counted too, under the same interleaving.
     """
     names = list(fns)
     for _ in range(warmup):
         for name in names:
             fns[name]()
     synchronize(device)
-    times: dict[str, list[float]] = {name: [] for name in names}
+    timings = {name: Timing([]) for name in names}
     for r in range(max(repeats, 1)):
         order = names[r % len(names):] + names[:r % len(names)]
         gc.collect()
@@ -125,33 +146,16 @@ def compare(fns: dict[str, Callable[[], object]], *, repeats: int, warmup: int, 
         try:
             for name in order:
                 synchronize(device)
+                paged_before = _paged_in_so_far()
                 start = time.perf_counter()
                 fns[name]()
                 synchronize(device)
-                times[name].append(time.perf_counter() - start)
+                timings[name].times.append(time.perf_counter() - start)
+                if paged_before is not None:
+                    timings[name].paged_in.append(_paged_in_so_far() - paged_before)
         finally:
             gc.enable()
-    return {name: Timing(t) for name, t in times.items()}
-
-
-def faulted_bytes_per_call(fn: Callable[[], object], *, calls: int = 3, warmup: int = 1) -> float | None:
-    """Memory newly paged in per call of `fn` (minor page faults x page size), run back to back.
-
-    On CPU a tensor larger than glibc's largest mmap threshold (32 MiB) is mapped afresh on every
-    allocation and the kernel zero-fills it page by page on first touch; this shows how much of an
-    implementation's time goes there. None where it does not apply (no getrusage, or CUDA).
-    """
-    try:
-        import resource
-    except ImportError:  # not a Unix
-        return None
-    for _ in range(warmup):
-        fn()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(calls):
-        fn()
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-    return faults * resource.getpagesize() / calls
+    return timings
 
 
 def ratio(a: float | None, b: float | None) -> float | None:

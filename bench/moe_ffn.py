@@ -23,8 +23,7 @@ from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
 from bam.config import BamConfig
 from bam.moe import MoEFFN
-from bench.common import (Options, check, check_result, compare, faulted_bytes_per_call, finish, log,
-                          new_result, ratio)
+from bench.common import Options, check, check_result, compare, finish, log, new_result, ratio
 
 NAME = "moe_ffn"
 TOP_K = 2
@@ -119,8 +118,8 @@ def run(opts: Options) -> dict:
                 names[f"{impl} N={n}"] = (n, impl)
         log(f"[moe_ffn] d={d}: timing {len(fns)} implementations x {repeats} repeats")
         timings = compare(fns, repeats=repeats, warmup=warmup, device=device)
-        faulted = {key: faulted_bytes_per_call(fn) if device == "cpu" else None for key, fn in fns.items()}
-        mb = {key: None if v is None else v / 2**20 for key, v in faulted.items()}
+        paged = {key: t.paged_in_median if device == "cpu" else None for key, t in timings.items()}
+        mb = {key: None if v is None else v / 2**20 for key, v in paged.items()}
 
         dense_t = timings["dense"].median
         rows = [{"N": "—", "implementation": f"dense SwiGLU, hidden {TOP_K * d_ff}", "ms": dense_t * 1e3,
@@ -155,8 +154,8 @@ def run(opts: Options) -> dict:
         tolerance = 1e-4 if dtype == torch.float32 else 5e-2
         if max_diff > tolerance:
             result["notes"].append(f"WARNING d={d}: implementations disagree by up to {max_diff:.2e} (routing ties?)")
-    result["notes"].append("MB paged in: memory the kernel newly maps and zero-fills per call (minor page faults x "
-                           "page size, 3 calls back to back after the timing). glibc maps every block over 32 MiB "
+    result["notes"].append("MB paged in: memory the kernel newly mapped and zero-filled during a timed call (minor "
+                           "page faults x page size, median over the rounds). glibc maps every block over 32 MiB "
                            "afresh and unmaps it on free; the expert weight gradients, N/k times the dense layer's, "
                            "cross that size first, so this column grows with N for every implementation")
     result["notes"].append("ours also computes its load-balancing and z losses in the forward (not backpropagated "
