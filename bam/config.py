@@ -12,6 +12,7 @@ from __future__ import annotations
 from transformers import PreTrainedConfig
 
 from bam.errors import BamError
+from bam.transformers_compat import CACHE
 
 BLOCKS = ("parallel", "sequential")
 NORMS = ("rmsnorm", "layernorm")
@@ -35,7 +36,7 @@ class BamConfig(PreTrainedConfig):
     """
 
     model_type = "bam"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = [CACHE]
 
     # The dense transformer (METHOD.md section 2).
     vocab_size: int = 32000

@@ -21,11 +21,12 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from bam.config import BamConfig
 from bam.loss import linear_cross_entropy
 from bam.moe import fp32_linear, LinearRouter, MoEFFN, NexusRouter, SwiGLU, SwiGLUExperts
+from bam.transformers_compat import CACHE, cache_argument
 
 
 class Norm(nn.Module):
@@ -195,13 +196,24 @@ class LayerRouting:
     attn_gates: torch.Tensor | None
 
 
+# The outputs extend transformers' own classes, so every field they declare (the KV cache among
+# them, whatever the installed release calls it: bam/transformers_compat.py) is upstream's.
+
+
 @dataclass
-class BamOutput(ModelOutput):
+class BamModelOutput(BaseModelOutputWithPast):
+    """The routers' auxiliary losses (summed over layers; None unless asked for) and, with
+    `output_routing`, one `LayerRouting` per layer."""
+
+    load_balancing_loss: torch.Tensor | None = None
+    z_loss: torch.Tensor | None = None
+    routing: list | None = None
+
+
+@dataclass
+class BamOutput(CausalLMOutputWithPast):
     """`loss` is the LM loss plus `aux_loss`; the parts are returned for logging."""
 
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    past_key_values: Cache | None = None
     lm_loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
     load_balancing_loss: torch.Tensor | None = None
@@ -216,7 +228,7 @@ class BamPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     _no_split_modules = ["Block"]
     _supports_sdpa = True
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE]
 
     def _init_weights(self, module):
         std = self.config.initializer_range
@@ -249,17 +261,22 @@ class BamModel(BamPreTrainedModel):
         self.norm = Norm(config)
         self.post_init()
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, output_routing=False, aux_losses=None, **kwargs):
-        """`aux_losses`: compute the routers' load-balancing and z losses; by default only in
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
+                inputs_embeds=None, use_cache=None, output_routing=False, aux_losses=None,
+                **kwargs) -> BamModelOutput:
+        """`cache` is the KV cache (`past_key_values` before transformers 5.24, also accepted).
+        `aux_losses`: compute the routers' load-balancing and z losses; by default only in
         training mode (BamForCausalLM also asks for them whenever it computes a loss)."""
         config = self.config
+        cache = cache_argument(cache, kwargs)
         aux_losses = self.training if aux_losses is None else aux_losses
         x_BTD = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         use_cache = config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=config)
-        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if not use_cache:
+            cache = None
+        elif cache is None:
+            cache = DynamicCache(config=config)
+        past_len = cache.get_seq_length() if cache is not None else 0
         B, T = x_BTD.shape[:2]
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + T, device=x_BTD.device).expand(B, T)
@@ -269,7 +286,7 @@ class BamModel(BamPreTrainedModel):
         lb_loss = z_loss = None
         routing = [] if output_routing else None
         for layer in self.layers:
-            x_BTD, ffn, attn_gates = layer(x_BTD, cos_sin, mask, past_key_values if use_cache else None, aux_losses)
+            x_BTD, ffn, attn_gates = layer(x_BTD, cos_sin, mask, cache, aux_losses)
             if ffn.load_balancing_loss is not None:
                 lb_loss = ffn.load_balancing_loss + (0 if lb_loss is None else lb_loss)
                 z_loss = ffn.z_loss + (0 if z_loss is None else z_loss)
@@ -277,7 +294,8 @@ class BamModel(BamPreTrainedModel):
                 r = ffn.routing
                 routing.append(LayerRouting(r.expert_index_TK if r else None, r.probs_TE if r else None,
                                             attn_gates))
-        return self.norm(x_BTD), (past_key_values if use_cache else None), lb_loss, z_loss, routing
+        return BamModelOutput(last_hidden_state=self.norm(x_BTD), **{CACHE: cache}, load_balancing_loss=lb_loss,
+                              z_loss=z_loss, routing=routing)
 
 
 class BamForCausalLM(BamPreTrainedModel, GenerationMixin):
@@ -289,7 +307,7 @@ class BamForCausalLM(BamPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0,
                 output_routing=False, shift_labels=None, return_logits=True, **kwargs) -> BamOutput:
         """`labels` follow transformers: same positions as `input_ids`, shifted here, -100 ignored.
@@ -304,10 +322,12 @@ class BamForCausalLM(BamPreTrainedModel, GenerationMixin):
         when a loss is asked for; otherwise they are None, as in generation.
         """
         wants_loss = labels is not None or shift_labels is not None
-        hidden_BTD, cache, lb_loss, z_loss, routing = self.model(
-            input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
-            output_routing, aux_losses=self.training or wants_loss,
+        body = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            cache=cache_argument(cache, kwargs), inputs_embeds=inputs_embeds, use_cache=use_cache,
+            output_routing=output_routing, aux_losses=self.training or wants_loss,
         )
+        hidden_BTD, lb_loss, z_loss = body.last_hidden_state, body.load_balancing_loss, body.z_loss
         if logits_to_keep:
             hidden_BTD = hidden_BTD[:, -logits_to_keep:]
         if shift_labels is None and labels is not None:
@@ -330,6 +350,6 @@ class BamForCausalLM(BamPreTrainedModel, GenerationMixin):
         loss = None
         if lm_loss is not None:
             loss = lm_loss if aux_loss is None else lm_loss + aux_loss
-        return BamOutput(loss=loss, logits=logits_BTV, past_key_values=cache, lm_loss=lm_loss,
+        return BamOutput(loss=loss, logits=logits_BTV, **{CACHE: getattr(body, CACHE)}, lm_loss=lm_loss,
                          aux_loss=aux_loss, load_balancing_loss=lb_loss, z_loss=z_loss,
-                         last_hidden_state=hidden_BTD, routing=routing)
+                         last_hidden_state=hidden_BTD, routing=body.routing)

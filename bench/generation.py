@@ -20,6 +20,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralFo
 from bam import cost
 from bam.config import BamConfig
 from bam.model import BamForCausalLM
+from bam.transformers_compat import CACHE
 from bench.common import Options, check, check_result, compare, finish, log, new_result, ratio
 
 NAME = "generation"
@@ -105,7 +106,7 @@ def run(opts: Options) -> dict:
                     raise RuntimeError(f"{name} generated {out.sequences.shape[1] - PROMPT} tokens, "
                                        f"not {s['new_tokens']}")
                 # KV bytes from the cache of the last call (the same for every call and batch size).
-                kv[name] = kv_bytes_per_token(out.past_key_values, batch)[0]
+                kv[name] = kv_bytes_per_token(getattr(out, CACHE), batch)[0]
             return call
 
         log(f"[generation] batch {batch}: timing {len(built)} models")

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from bam import BamConfig, BamForCausalLM
 from bam.moe import MoEFFN, load_balancing_loss, router_z_loss
+from bam.transformers_compat import CACHE
 
 
 def tiny(**overrides) -> BamConfig:
@@ -231,7 +232,7 @@ def test_generation_with_kv_cache_equals_without(variant):
 def test_cache_holds_one_kv_per_kv_expert(variant):
     config = tiny(**VARIANTS[variant])
     out = model_for(config)(torch.randint(0, 61, (1, 6)), use_cache=True)
-    keys = out.past_key_values.layers[0].keys
+    keys = getattr(out, CACHE).layers[0].keys
     assert keys.shape == (1, config.n_kv_experts * config.num_key_value_heads, 6, config.head_dim)
 
 
@@ -245,3 +246,38 @@ def test_left_padded_batch_matches_unpadded_rows():
     logits = model(batch, attention_mask=mask, position_ids=position_ids).logits
     torch.testing.assert_close(logits[0, 3:], model(short).logits[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(logits[1], model(long).logits[0], atol=1e-5, rtol=1e-5)
+
+
+def test_outputs_are_transformers_own_and_hold_the_cache_where_transformers_puts_it():
+    """An upstream rename of an output field (transformers 5.24: `past_key_values` -> `cache`, in
+    outputs, in what generate() passes to forward, in what it reads back) must not break us. The
+    reference is transformers' own Llama: whatever key its output holds the KV cache under, ours
+    holds it there too, and a second call fed that cache under the same keyword continues exactly
+    like one call over the whole sequence."""
+    from dataclasses import fields
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.cache_utils import Cache
+    from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+    from bam.model import BamModelOutput, BamOutput
+
+    for ours, theirs in ((BamOutput, CausalLMOutputWithPast), (BamModelOutput, BaseModelOutputWithPast)):
+        assert issubclass(ours, theirs)
+        assert [f.name for f in fields(theirs)] == [f.name for f in fields(ours)][:len(fields(theirs))]
+
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    ids = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = llama(ids[:, :5], use_cache=True)
+    cache_key = next(key for key, value in reference.items() if isinstance(value, Cache))
+
+    model = model_for(tiny(**VARIANTS["bam"]))
+    with torch.no_grad():
+        first = model(ids[:, :5], use_cache=True)
+        assert isinstance(first[cache_key], Cache) and isinstance(model.model(ids, use_cache=True)[cache_key], Cache)
+        second = model(ids[:, 5:], use_cache=True, **{cache_key: first[cache_key]})
+        whole = model(ids, use_cache=False)
+    assert second[cache_key] is first[cache_key] and second[cache_key].get_seq_length() == 9
+    torch.testing.assert_close(second.logits, whole.logits[:, 5:], rtol=1e-5, atol=1e-5)
