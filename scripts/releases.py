@@ -9,8 +9,9 @@
     python scripts/releases.py oldest   every direct dependency at the lower bound pyproject.toml
                                         declares: run the whole suite (the bounds must be honest)
 
-torch stays at the CPU pin of requirements/test.txt in every environment: a newer torch, or a
-torch resolved with nothing installed first, would be a multi-GB CUDA build. Every environment is
+torch stays at the CPU pin of requirements/test.txt in every environment (`lock --torch VERSION`
+moves the pin: update README's commands and .ci/run to match): a newer torch, or a torch
+resolved with nothing installed first, would be a multi-GB CUDA build. Every environment is
 a new virtualenv under a temporary directory (`--keep` keeps it and prints its path), with this
 checkout installed editable, so what is tested is what a user's `pip install` gives that day.
 Exit status 0 when every test ran and passed, 1 otherwise.
@@ -56,8 +57,11 @@ def read_lock(path: Path) -> dict[str, str]:
     return pins
 
 
+TORCH: str | None = None  # --torch; else the lock's pin
+
+
 def torch_pin() -> str:
-    return read_lock(LOCKS["test"])["torch"]
+    return TORCH or read_lock(LOCKS["test"])["torch"]
 
 
 class Venv:
@@ -210,7 +214,10 @@ def main() -> int:
     parser.add_argument("what", choices=["lock", "newest", "oldest"])
     parser.add_argument("tests", nargs="*", help="`newest` only: test paths to run instead of its default set")
     parser.add_argument("--keep", action="store_true", help="keep the virtualenvs (their path is printed)")
+    parser.add_argument("--torch", help="the torch version to pin (default: requirements/test.txt's)")
     args = parser.parse_args()
+    global TORCH
+    TORCH = args.torch
     work = Path(tempfile.mkdtemp(prefix=f"bam-{args.what}-"))
     try:
         if args.what == "lock":
