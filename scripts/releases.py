@@ -105,6 +105,7 @@ def write_lock(path: Path, pins: dict[str, str], command: str) -> None:
               f"# passed in on {datetime.date.today()} (CPython {platform.python_version()}, {platform.system()} "
               f"{platform.machine()}). Made by `python scripts/releases.py lock`; use it as pip's\n"
               f"# constraints (-c), as README.md and .ci/run do. torch is the CPU wheel: install it first.\n")
+    path.parent.mkdir(exist_ok=True)
     tmp = path.with_suffix(".txt.tmp")
     tmp.write_text(header + "".join(f"{name}=={version}\n" for name, version in sorted(pins.items())))
     tmp.replace(path)
@@ -114,20 +115,23 @@ def lock(work: Path) -> int:
     test_env = Venv(work, "test")
     test_env.install(EXTRAS["test"])
     test_pins = test_env.freeze()
-    candidate = work / "test.txt"
-    write_lock(candidate, test_pins, 'pip install -e ".[test]"')
+    before = {path: path.read_text() if path.exists() else None for path in LOCKS.values()}
+    write_lock(LOCKS["test"], test_pins, 'pip install -e ".[test]"')
     default_env = Venv(work, "default")  # the default install, at the versions of the test lock
-    default_env.install(EXTRAS["default"], constraints=candidate)
-    default_pins = default_env.freeze()
-    if test_env.pytest() != 0:
-        log("the suite fails on the newest releases: lock files left as they are; "
+    default_env.install(EXTRAS["default"], constraints=LOCKS["test"])
+    write_lock(LOCKS["default"], default_env.freeze(), "pip install -e .")
+    if test_env.pytest() != 0:  # the suite checks the lock files too (tests/test_install.py)
+        for path, text in before.items():
+            if text is None:
+                path.unlink()
+            else:
+                path.write_text(text)
+        log("the suite fails on the newest releases: lock files left as they were; "
             "`python scripts/releases.py newest` says which package breaks what")
         return 1
-    write_lock(LOCKS["test"], test_pins, 'pip install -e ".[test]"')
-    write_lock(LOCKS["default"], default_pins, "pip install -e .")
     changed = subprocess.run(["git", "diff", "--stat", "--", "requirements"], cwd=ROOT, capture_output=True,
                              text=True).stdout.strip()
-    log(f"suite passed; requirements/ rewritten\n{changed or '(no version changed)'}")
+    log(f"suite passed; requirements/ rewritten\n{changed or '(new files, or no version changed)'}")
     return 0
 
 
