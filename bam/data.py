@@ -4,7 +4,9 @@ Three stages, top to bottom in this file:
 
 1. Domains. A domain is a named stream of documents read from a source: a text file, a directory of
    text files, a glob, a JSONL or Parquet file, a `datasets` dataset, or an in-memory list. The CLI
-   names one as `NAME=PATH[:WEIGHT]` (see `parse_domain_spec`).
+   names one as `NAME=PATH[:WEIGHT]` (see `parse_domain_spec`). A file of a directory or glob is one
+   document, a JSONL/Parquet/`datasets` record is one; a text file named on its own is a whole corpus
+   and is cut into documents of 1-2 KB at blank lines (see TEXT_DOCUMENT_MIN).
 2. Tokenized shards. `prepare_domain` splits the documents into train/validation/test by hashing each
    document (so adding documents never moves the others), tokenizes them, puts EOS after each, and
    writes one flat token array per split (`<split>.bin`, read back with `numpy.memmap`) plus
@@ -42,7 +44,19 @@ SPLITS = ("train", "validation", "test")
 TEXT_SUFFIXES = frozenset({".txt", ".md", ".rst", ".py"})
 META_NAME = "meta.json"
 # Bump when the shard layout or the split/tokenization rule changes: old cache entries stop matching.
+# How a source is cut into documents needs no bump: the content hash covers document boundaries.
 FORMAT_VERSION = 1
+
+# A text file named on its own (nanoGPT's input.txt) is a corpus, not one document: held out by a hash
+# of its whole text, it would be all train or all validation. It is cut into documents instead: one
+# ends at the first blank line once it holds TEXT_DOCUMENT_MIN characters, so paragraphs stay whole,
+# or at the first line end once it holds TEXT_DOCUMENT_MAX (text without blank lines; a longer line
+# is cut every TEXT_DOCUMENT_MAX characters). For ASCII text characters are bytes: 1-2 KB is a few
+# hundred tokens, about one training window, costs one EOS per document (well under 1% of tokens),
+# and cuts a few-hundred-KB file into a few hundred documents, enough for the hashed split fractions
+# to come out near the configured ones.
+TEXT_DOCUMENT_MIN = 1000
+TEXT_DOCUMENT_MAX = 2000
 
 # Tokenization batches: large enough for the Rust tokenizer to use every core, small enough that a
 # batch's token lists stay a few hundred MB at most.
@@ -170,7 +184,16 @@ def _source_reader(spec: DomainSpec) -> Callable[[], Iterator[str]]:
     path = Path(pattern)
     if not path.exists():
         raise BamError(f"domain '{spec.name}': {spec.path} does not exist")
+    if _is_text_file(path):
+        _reject_field(spec, path)
+        return lambda: _read_text_file_documents(path)
     return _path_reader(path, spec)
+
+
+def _is_text_file(path: Path) -> bool:
+    # Whether a path named on its own is a plain-text corpus, cut into documents (not the files a
+    # directory or glob yields: each of those stays one document).
+    return path.is_file() and path.suffix.lower() not in (".jsonl", ".parquet")
 
 
 def _path_reader(path: Path, spec: DomainSpec) -> Callable[[], Iterator[str]]:
@@ -215,6 +238,34 @@ def _read_text_file(path: Path) -> str:
         raise BamError(f"{path}: not UTF-8 text (invalid byte at offset {exc.start})") from None
     except OSError as exc:
         raise BamError(f"{path}: cannot be read ({exc.strerror})") from None
+
+
+def _read_text_file_documents(path: Path) -> Iterator[str]:
+    """A text file named on its own, read line by line and cut into documents (see TEXT_DOCUMENT_MIN)."""
+    try:
+        # newline="": lines end at \n, \r\n or \r and keep their ending, so the documents add up to the
+        # file's exact text (bits per byte counts every byte); the limit cuts a longer line.
+        with path.open(encoding="utf-8-sig", newline="") as fh:
+            yield from _text_documents(iter(lambda: fh.readline(TEXT_DOCUMENT_MAX), ""))
+    except UnicodeDecodeError:
+        _read_text_file(path)  # reads the file whole, to name the invalid byte's offset
+        raise
+    except OSError as exc:
+        raise BamError(f"{path}: cannot be read ({exc.strerror})") from None
+
+
+def _text_documents(lines: Iterable[str]) -> Iterator[str]:
+    """Consecutive lines joined into documents; the rule depends on the text alone, so it is stable."""
+    document: list[str] = []
+    size = 0
+    for line in lines:
+        document.append(line)
+        size += len(line)
+        if size >= TEXT_DOCUMENT_MAX or (size >= TEXT_DOCUMENT_MIN and not line.strip()):
+            yield "".join(document)
+            document, size = [], 0
+    if document:
+        yield "".join(document)
 
 
 def _read_jsonl(path: Path, fld: str) -> Iterator[str]:
@@ -492,6 +543,26 @@ class _SplitSettings:
 def document_split(text: str, val_fraction: float, test_fraction: float, seed: int = 0) -> str:
     """The split ("train", "validation" or "test") `prepare_domain` assigns to this document."""
     return _SplitSettings(val_fraction, test_fraction, seed).split_of(text.encode("utf-8"))
+
+
+def empty_split_reason(domain: TokenizedDomain, split: str) -> str:
+    """Why `split` of a prepared domain holds nothing: the corpus's size and what a split needs (one line)."""
+    n_bytes = sum(stats.bytes for stats in domain.splits.values())
+    n_documents = sum(stats.documents for stats in domain.splits.values())
+    source = domain.meta.get("source", domain.name)
+    size = f"{source} is {n_bytes:,} bytes in {n_documents:,} document{'' if n_documents == 1 else 's'}"
+    val, test = domain.meta["val_fraction"], domain.meta["test_fraction"]
+    fraction = {"train": 1.0 - val - test, "validation": val, "test": test}[split]
+    if fraction <= 0:
+        return f"{size}, and its {split} fraction is 0"
+    # Each document lands in the split with probability `fraction`; with this many documents the
+    # split stays empty less than 5% of the time.
+    needed = math.ceil(math.log(0.05) / math.log(1.0 - fraction))
+    text = ""
+    if _is_text_file(Path(os.path.expanduser(source))):
+        kb = needed * (TEXT_DOCUMENT_MIN + TEXT_DOCUMENT_MAX) // 2 // 1000
+        text = f" (~{kb} KB of text: a text file is cut into one per 1-2 KB)"
+    return f"{size}; holding out {fraction * 100:g}% needs ~{needed} documents{text}"
 
 
 @dataclass(frozen=True)
@@ -843,8 +914,8 @@ def iter_eval_batches(
     stats = domain.splits[split]
     if stats.tokens == 0:
         raise BamError(
-            f"domain '{domain.name}': {split} split is empty ({stats.documents} documents); "
-            "raise its fraction or add documents"
+            f"domain '{domain.name}': {split} split is empty: {empty_split_reason(domain, split)}; "
+            "raise its fraction or add text"
         )
     n_targets = stats.tokens if max_tokens is None else min(max_tokens, stats.tokens)
     return EvalBatches(

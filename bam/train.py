@@ -52,7 +52,15 @@ from bam.checkpoint import (
     sha256_file,
     verify_manifest,
 )
-from bam.data import Domain, DomainSpec, MixtureSampler, TokenizedDomain, parse_domain_spec, prepare_domain
+from bam.data import (
+    Domain,
+    DomainSpec,
+    MixtureSampler,
+    TokenizedDomain,
+    empty_split_reason,
+    parse_domain_spec,
+    prepare_domain,
+)
 from bam.errors import BamError
 from bam.evaluate import autocast_for, evaluate_domains
 
@@ -722,8 +730,8 @@ def check_domains(cfg: TrainConfig, config, domains: list[TokenizedDomain]) -> N
             raise BamError(f"domain '{d.name}': tokenized with a {d.vocab_size}-token vocabulary, "
                            f"the model has {config.vocab_size}")
         if cfg.eval_every and d.splits["validation"].tokens == 0:
-            raise BamError(f"domain '{d.name}': validation split is empty; add documents, raise "
-                           "--val-fraction, or pass --eval-every 0")
+            raise BamError(f"domain '{d.name}': validation split is empty: {empty_split_reason(d, 'validation')}; "
+                           "add text, raise --val-fraction, or pass --eval-every 0")
 
 
 def _tokenizer_for(cfg: TrainConfig):

@@ -1,6 +1,10 @@
 """Data pipeline on real text from this machine: sources, cached shards, mixture sampling, eval windows."""
 
+import hashlib
 import json
+import os
+import shutil
+import subprocess
 import sys
 import sysconfig
 from pathlib import Path
@@ -67,6 +71,17 @@ def code(code_docs, tokenizer, cache):
 @pytest.fixture(scope="module")
 def other(other_docs, tokenizer, cache):
     return prepare_domain(Domain.from_documents("other", other_docs), tokenizer, cache, val_fraction=0.15)
+
+
+@pytest.fixture(scope="module")
+def input_txt(tmp_path_factory):
+    """A newcomer's corpus: one plain text file of ~300 KB (the pydoc help topics, paragraphs and all)."""
+    import pydoc_data.topics as topics
+
+    text = "\n\n".join(topics.topics[key] for key in sorted(topics.topics))[:300_000]
+    path = tmp_path_factory.mktemp("newcomer") / "input.txt"
+    path.write_bytes(text.encode("utf-8"))
+    return path
 
 
 def encode(tokenizer, text: str) -> tuple[int, ...]:
@@ -150,6 +165,61 @@ def test_glob_and_single_file(tmp_path):
     assert list(Domain.from_spec(f"d={tmp_path / 'notes.md'}:0.5").documents()) == ["not matched"]
 
 
+def test_text_file_is_cut_into_documents_that_add_up_to_it(tmp_path, input_txt):
+    path = tmp_path / "x.txt"
+
+    def documents(text: str) -> list[str]:
+        path.write_bytes(text.encode("utf-8"))
+        docs = list(Domain.from_spec(f"d={path}").documents())
+        assert "".join(docs) == text.removeprefix("\ufeff")  # every byte kept, in order (the BOM dropped)
+        return docs
+
+    # Paragraphs stay whole: a document ends at the first blank line once it holds 1,000 characters.
+    prose = input_txt.read_text(encoding="utf-8")
+    docs = documents(prose)
+    assert 150 <= len(docs) <= 300
+    for doc in docs[:-1]:
+        assert data.TEXT_DOCUMENT_MIN <= len(doc) < 2 * data.TEXT_DOCUMENT_MAX
+        assert doc.endswith("\n\n") or len(doc) >= data.TEXT_DOCUMENT_MAX
+    # No blank lines: cut at a line end once 2,000 characters are in (CRLF endings kept as they are).
+    lines = "".join(f"sentence {i} of a file with one sentence per line.\r\n" for i in range(2000))
+    docs = documents("\ufeff" + lines)
+    assert all(doc.endswith("\r\n") and 2000 <= len(doc) < 2100 for doc in docs[:-1]) and len(docs) > 40
+    # No line ends at all: cut every 2,000 characters.
+    assert [len(doc) for doc in documents("word " * 1000)] == [2000, 2000, 1000]
+    # A small file is one document, as it always was.
+    assert documents("just one short paragraph\n\nand another\n") == ["just one short paragraph\n\nand another\n"]
+
+
+def test_directory_and_glob_keep_one_document_per_file(tmp_path, input_txt):
+    (tmp_path / "dir").mkdir()
+    shutil.copy(input_txt, tmp_path / "dir" / "input.txt")
+    text = input_txt.read_text(encoding="utf-8")
+    assert list(Domain.from_spec(f"d={tmp_path / 'dir'}").documents()) == [text]
+    assert list(Domain.from_spec(f"d={tmp_path / 'dir'}/*.txt").documents()) == [text]
+
+
+def test_content_hashes_of_other_sources_are_unchanged(tmp_path):
+    # Pinned: these hashes name existing cache entries, which must keep matching. A text file named
+    # alone that is small enough for one document keeps its hash too.
+    long = "".join(f"line {i} of a long file\n" + ("\n" if i % 7 == 0 else "") for i in range(400))
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "a.txt").write_text(long)
+    (tmp_path / "dir" / "b.md").write_text("beta\n\nparagraph two\n")
+    (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in [long, "second record"]) + "\n")
+    expected = {
+        "dir": "e97f6b44b12f126d173c092838d1de933f3a077693c7f8d6ea763cd1e8151e58",
+        "dir/*.txt": "0e9c75d1b903ce0c1f25ebceeb82446809b3d8f60c15b20c35b6850476f596b4",
+        "docs.jsonl": "b1356864aa80211ab3cdc647a0813d96fc407392572347e2ad6f81690da1d076",
+        "dir/b.md": "0eaf17196e9f746954430f259817cf406bc18cbd928e3a4f6942057a3406ec40",
+    }
+    for source, sha in expected.items():
+        assert data._census(Domain.from_spec(f"d={tmp_path}/{source}")).content_sha == sha, source
+    # The same text named alone is cut into documents: a new content hash, so a new cache entry.
+    census = data._census(Domain.from_spec(f"d={tmp_path}/dir/a.txt"))
+    assert census.documents > 1 and census.content_sha != expected["dir/*.txt"]
+
+
 def test_jsonl_default_and_selected_field(tmp_path):
     path = tmp_path / "docs.jsonl"
     rows = [{"text": "first", "body": "uno"}, {"text": "sécond ☃", "body": "dos"}, {"text": None, "body": "tres"}]
@@ -179,6 +249,8 @@ def test_non_utf8_file_is_named(tmp_path, tokenizer):
     bad.write_bytes("café crème".encode("latin-1"))
     with pytest.raises(BamError, match=f"{bad}: not UTF-8"):
         prepare_domain(f"d={tmp_path}", tokenizer, tmp_path / "cache")
+    with pytest.raises(BamError, match=f"{bad}: not UTF-8 text \\(invalid byte at offset 3\\)"):
+        prepare_domain(f"d={bad}", tokenizer, tmp_path / "cache")  # a text file named alone, read line by line
     assert not (tmp_path / "cache").exists() or list((tmp_path / "cache").iterdir()) == []
 
 
@@ -286,6 +358,66 @@ def test_adding_documents_keeps_existing_assignments(code, code_docs, tokenizer,
     assert more.path != code.path
     for split in data.SPLITS:
         assert set(documents_of(code, split)) <= set(documents_of(more, split))
+
+
+def test_text_file_holds_out_validation_and_test(input_txt, tokenizer, tmp_path):
+    domain = prepare_domain(f"prose={input_txt}", tokenizer, tmp_path, val_fraction=0.1, test_fraction=0.1)
+    n_bytes = input_txt.stat().st_size
+    n_documents = sum(stats.documents for stats in domain.splits.values())
+    assert sum(stats.bytes for stats in domain.splits.values()) == n_bytes
+    for split, fraction in (("train", 0.8), ("validation", 0.1), ("test", 0.1)):
+        stats = domain.splits[split]
+        assert abs(stats.bytes / n_bytes - fraction) < 0.05, (split, stats)
+        assert abs(stats.documents / n_documents - fraction) < 0.05, (split, stats)
+    held_out = set(documents_of(domain, "validation")) | set(documents_of(domain, "test"))
+    assert held_out and not held_out & set(documents_of(domain, "train"))
+
+
+def test_text_file_split_is_the_same_every_time(input_txt, tokenizer, tmp_path):
+    first = prepare_domain(f"prose={input_txt}", tokenizer, tmp_path / "a", val_fraction=0.1, test_fraction=0.1)
+    # The same text under another name, with another mtime, into another cache: the same split.
+    copy = tmp_path / "elsewhere" / "corpus.txt"
+    copy.parent.mkdir()
+    shutil.copyfile(input_txt, copy)
+    os.utime(copy, (1_000_000_000, 1_000_000_000))
+    second = prepare_domain(f"prose={copy}", tokenizer, tmp_path / "b", val_fraction=0.1, test_fraction=0.1)
+    assert second.meta["key"] == first.meta["key"] and second.splits == first.splits
+    for split in data.SPLITS:
+        np.testing.assert_array_equal(second.tokens(split), first.tokens(split))
+    # Another process, with another string-hash seed: the same cache key and the same tokens.
+    script = (
+        "import hashlib, json, sys; import numpy as np; from bam.data import prepare_domain; "
+        "d = prepare_domain(sys.argv[1], sys.argv[2], sys.argv[3], val_fraction=0.1, test_fraction=0.1); "
+        "print(json.dumps([d.meta['key']] + [hashlib.sha256(np.asarray(d.tokens(s)).tobytes()).hexdigest() "
+        "for s in ('train', 'validation', 'test')]))"
+    )
+    tokenizer_dir = tmp_path / "tok"
+    tokenizer.save_pretrained(tokenizer_dir)
+    run = subprocess.run([sys.executable, "-c", script, f"prose={copy}", str(tokenizer_dir), str(tmp_path / "c")],
+                         capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "12345"})
+    assert run.returncode == 0, run.stderr
+    expected = [first.meta["key"]] + [hashlib.sha256(np.asarray(first.tokens(s)).tobytes()).hexdigest()
+                                      for s in data.SPLITS]
+    assert json.loads(run.stdout) == expected
+
+
+def tiny_train_document() -> str:
+    """One short document whose hash puts it in train at fractions 0.05/0.1: the held-out splits stay empty."""
+    texts = (f"Too little text, take {i}.\n" for i in range(100))
+    return next(text for text in texts if data.document_split(text, 0.05, 0.1) == "train")
+
+
+def test_too_small_text_file_names_its_size_and_what_it_needs(tokenizer, tmp_path):
+    path = tmp_path / "tiny.txt"
+    path.write_text(tiny_train_document())
+    domain = prepare_domain(f"tiny={path}", tokenizer, tmp_path / "cache", val_fraction=0.05, test_fraction=0.1)
+    size = f"{path} is {path.stat().st_size} bytes in 1 document"
+    needs = {"validation": "5% needs ~59 documents (~88 KB", "test": "10% needs ~29 documents (~43 KB"}
+    for split, needed in needs.items():
+        with pytest.raises(BamError) as err:
+            iter_eval_batches(domain, split, seq_len=16, batch_size=2)
+        assert str(err.value) == (f"domain 'tiny': {split} split is empty: {size}; holding out {needed} of text: "
+                                  "a text file is cut into one per 1-2 KB); raise its fraction or add text")
 
 
 def test_literal_special_token_in_text_is_not_a_boundary(tokenizer, tmp_path):
@@ -522,7 +654,48 @@ def test_eval_prefix_and_metrics(code):
 
 def test_eval_on_empty_split_is_an_error(other):
     assert other.splits["test"].tokens == 0
-    with pytest.raises(BamError, match="domain 'other': test split is empty"):
+    with pytest.raises(BamError, match="'other': test split is empty: .* documents, and its test fraction is 0"):
         iter_eval_batches(other, "test", seq_len=16, batch_size=2)
     with pytest.raises(BamError, match="unknown split 'dev'"):
         iter_eval_batches(other, "dev", seq_len=16, batch_size=2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# `bam train SEED --data prose=input.txt`: one text file is enough
+
+
+def test_bam_train_on_one_text_file_validates(input_txt, tmp_path, capsys):
+    from _train_assets import build_assets, read_metrics
+
+    from bam.cli import main
+
+    assets = build_assets()
+    out = tmp_path / "run"
+    argv = ["train", str(assets.seed), "--data", f"prose={input_txt}", "--out", str(out), "--cache-dir",
+            str(tmp_path / "cache"), "--max-steps", "4", "--batch-size", "4", "--seq-len", "32", "--warmup", "1",
+            "--eval-every", "2", "--eval-tokens", "512", "--no-progress"]
+    assert main(argv) == 0, capsys.readouterr().err
+    validated = [r for r in read_metrics(out) if "val" in r]
+    assert [r["step"] for r in validated] == [0, 2, 4]
+    assert all(np.isfinite(r["val"]["prose"]["loss"]) for r in validated)
+
+
+def test_bam_train_on_a_too_small_text_file_says_how_small(tmp_path, capsys):
+    from _train_assets import build_assets
+
+    from bam.cli import main
+
+    assets = build_assets()
+    path = tmp_path / "tiny.txt"
+    text = tiny_train_document()  # in train, so validation is what comes out empty
+    path.write_text(text)
+    argv = ["train", str(assets.seed), "--data", f"tiny={path}", "--out", str(tmp_path / "run"), "--cache-dir",
+            str(tmp_path / "cache"), "--max-steps", "2", "--seq-len", "8", "--no-progress"]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith(f"bam train: error: domain 'tiny': validation split is empty: {path} is {len(text)} bytes "
+                          "in 1 document; holding out 5% needs ~59 documents (~88 KB of text"), err
+    assert err.rstrip().endswith("add text, raise --val-fraction, or pass --eval-every 0"), err
+    assert not (tmp_path / "run" / "model").exists()

@@ -159,10 +159,17 @@ def cmd_branch(args) -> int:
 # bam train
 
 
+# What --data accepts and how it becomes documents: the one text every verb taking --data shows
+# (train, eval, embed-domains, add-expert); `bam tokenizer train --data` refers to it.
+DATA_HELP = ("a text file, directory, glob, .jsonl, .parquet or hf:DATASET; PATH#FIELD picks the text field. "
+             "Each file of a directory or glob is one document, each .jsonl/.parquet/dataset record one; "
+             "a text file named alone is cut into documents of 1-2 KB at blank lines (at line ends where "
+             "there are none). Documents go to train/validation/test by a hash of their text")
+
+
 def _add_data_args(p, what: str, required: bool = True) -> None:
     p.add_argument("--data", required=required, nargs="+", action="extend", default=[], metavar="NAME=PATH[:WEIGHT]",
-                   help=f"{what}: a text file, directory, glob, .jsonl, .parquet or hf:DATASET; "
-                        "PATH#FIELD picks the text field")
+                   help=f"{what}: {DATA_HELP}")
     p.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (default: the model's own)")
     p.add_argument("--cache-dir", metavar="DIR", help="tokenized-shard cache (default $BAM_CACHE or "
                                                      "~/.cache/bam/tokens)")
