@@ -23,16 +23,27 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import platform
 import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import transformers
 import yaml
 
 from bam.checkpoint import atomic_output_dir, load_model, open_model, save_model
-from bam.corpus import DOMAINS, build_corpus
+from bam.corpus import (
+    DOMAINS,
+    REFERENCE_MAX_CHARS,
+    build_corpus,
+    files_digest,
+    read_documents,
+    reference_line,
+    source_files,
+    source_warnings,
+)
 from bam.cost import flops_per_token, summarize
 from bam.data import Domain, TokenizedDomain, document_split, iter_eval_batches, prepare_domain
 from bam.errors import BamError
@@ -171,7 +182,8 @@ DEMO_PRESETS = {
                                  finetune=dict(steps=15, batch_size=8, lr=5e-4, warmup=2, save_every=15)),
                  eval_max_tokens=8192, routing_max_tokens=2048),
     # The default `bam demo`: about 19 minutes on a 2-core CPU (3 of them the add-expert experiment).
-    "small": dict(preset="small", vocab_size=4096, max_chars_per_domain=2_000_000, seq_len=256,
+    # Its corpus is the README's reference (bam.corpus.REFERENCE_FINGERPRINT).
+    "small": dict(preset="small", vocab_size=4096, max_chars_per_domain=REFERENCE_MAX_CHARS, seq_len=256,
                   pretrain=dict(steps=400, batch_size=16, lr=2e-3, warmup=40, save_every=100),
                   cpt=dict(steps=150, batch_size=16, lr=1e-3, warmup=15, save_every=50),
                   mixture=dict(steps=150, batch_size=16, lr=1e-3, warmup=15, save_every=50),
@@ -216,10 +228,16 @@ def _key(spec) -> str:
 
 
 class Stages:
-    """Stage directories named by what they depend on; `done.json` marks a finished one."""
+    """Stage directories named by what they depend on; `done.json` marks a finished one.
+
+    Every record also carries `provenance`, what the study knows of its data and software when the
+    stage finishes (Study.provenance): per domain the sha256 of the documents and their counts, the
+    versions of Python, torch, transformers and the built-in corpus's sources.
+    """
 
     def __init__(self, root: Path):
         self.root = root / "stages"
+        self.provenance: dict = {}
 
     def dir(self, name: str, spec) -> Path:
         return self.root / f"{name}-{_key(spec)}"
@@ -232,8 +250,8 @@ class Stages:
         except (FileNotFoundError, json.JSONDecodeError):
             return None
 
-    @staticmethod
-    def finish(directory: Path, info: dict) -> dict:
+    def finish(self, directory: Path, info: dict) -> dict:
+        info = {**info, "provenance": self.provenance}
         tmp = directory / "done.json.tmp"
         tmp.write_text(json.dumps(info, indent=2, default=str))
         tmp.replace(directory / "done.json")
@@ -244,6 +262,12 @@ def log(message: str) -> None:
     print(f"[bam] {message}", flush=True)
 
 
+def software_versions() -> dict:
+    """What else the numbers depend on: bit-identical reruns need the same torch build and CPU kind."""
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "machine": platform.machine()}
+
+
 @dataclass
 class Study:
     settings: StudySettings
@@ -252,7 +276,7 @@ class Study:
     domains: dict[str, TokenizedDomain] = field(default_factory=dict)
     tokenizer_dir: Path | None = None
     corpus_info: dict = field(default_factory=dict)
-    _source_notes: dict = field(default_factory=dict)  # where each built-in domain's text came from
+    builtin_corpus: dict | None = None  # the corpus stage's record, when a domain is built in
 
     def __post_init__(self):
         self.stages = Stages(self.out)
@@ -267,6 +291,9 @@ class Study:
 
     def prepare_data(self) -> None:
         s = self.settings
+        self.stages.provenance = {"versions": software_versions()}
+        if BUILTIN in s.domains.values():
+            self._read_builtin_corpus()
         sources = {name: self._source(name, spec) for name, spec in s.domains.items()}
         if s.tokenizer:
             self.tokenizer_dir = Path(s.tokenizer)
@@ -278,34 +305,69 @@ class Study:
         for name, source in sources.items():
             self.domains[name] = prepare_domain(source, tokenizer, cache, s.val_fraction, s.test_fraction, seed=0)
             domain = self.domains[name]
+            builtin = (self.builtin_corpus or {}).get("domains", {}).get(name) if s.domains[name] == BUILTIN else None
             self.corpus_info[name] = {
+                "sha256": domain.meta["content_sha256"],
                 "documents": {k: domain.splits[k].documents for k in ("train", "validation", "test")},
                 "tokens": {k: domain.splits[k].tokens for k in ("train", "validation", "test")},
-                "sources": self._source_notes.get(name, [s.domains[name]]),
+                "bytes": sum(domain.splits[k].bytes for k in ("train", "validation", "test")),
+                "characters": builtin["characters"] if builtin else None,
+                "sources": builtin["sources"] if builtin else [s.domains[name]],
             }
+        self.stages.provenance = self.provenance()
+
+    def provenance(self) -> dict:
+        """Data and software behind every number of the study (report.json, every stage record)."""
+        domains = {name: {"sha256": info["sha256"], "documents": sum(info["documents"].values()),
+                          "bytes": info["bytes"], "characters": info["characters"]}
+                   for name, info in self.corpus_info.items()}
+        corpus = self.builtin_corpus
+        return {"domains": domains, "versions": software_versions(),
+                "builtin_corpus": None if corpus is None else {
+                    "fingerprint": corpus["fingerprint"], "reference_fingerprint": corpus["reference_fingerprint"],
+                    "source_versions": corpus["versions"], "warnings": source_warnings(corpus["versions"])}}
+
+    def _read_builtin_corpus(self) -> None:
+        """The corpus stage: the built-in text as this machine has it, and whether it is the README's.
+
+        The stage is named by every source file's path, size and modification time, so a changed
+        install is read afresh while a re-run skips the minute of reading and parsing. Its first
+        log line, the first of `bam demo`, says whether the corpus is the README's.
+        """
+        files = source_files()
+        stage = self.stages.dir("corpus", {"max_chars": self.settings.max_chars_per_domain,
+                                           "files": files_digest(files)})
+        if not self.stages.done(stage):
+            documents = read_documents(files)
+            corpus = build_corpus(self.settings.max_chars_per_domain, documents)
+            with atomic_output_dir(stage, overwrite=True) as tmp:
+                for domain in corpus.domains.values():
+                    with open(tmp / f"{domain.name}.jsonl", "w", encoding="utf-8") as f:
+                        for doc in domain.documents:
+                            f.write(json.dumps({"text": doc}) + "\n")
+                self.stages.finish(tmp, {
+                    "fingerprint": corpus.fingerprint,
+                    "reference_fingerprint": build_corpus(REFERENCE_MAX_CHARS, documents).fingerprint,
+                    "domains": {name: d.summary() for name, d in corpus.domains.items()},
+                    "versions": corpus.versions,
+                })
+        self.builtin_corpus = self.stages.done(stage) | {"stage": stage}
+        log(reference_line(self.builtin_corpus["reference_fingerprint"]))
+        for warning in source_warnings(self.builtin_corpus["versions"]):
+            log(f"warning: {warning}")
 
     def _source(self, name: str, spec: str) -> Domain:
         if spec != BUILTIN:
             return Domain.from_spec(f"{name}={spec}")
         if name not in DOMAINS:
             raise BamError(f"domains.{name}: 'builtin' exists only for {', '.join(DOMAINS)}")
-        stage = self.stages.dir("corpus", {"max_chars": self.settings.max_chars_per_domain})
-        if not self.stages.done(stage):
-            log("reading the built-in corpus from this machine's files")
-            corpus = build_corpus(self.settings.max_chars_per_domain)
-            with atomic_output_dir(stage, overwrite=True) as tmp:
-                for domain in corpus.values():
-                    with open(tmp / f"{domain.name}.jsonl", "w", encoding="utf-8") as f:
-                        for doc in domain.documents:
-                            f.write(json.dumps({"text": doc}) + "\n")
-                self.stages.finish(tmp, {d.name: d.sources for d in corpus.values()})
-        self._source_notes[name] = self.stages.done(stage)[name]
-        return Domain.from_spec(f"{name}={stage / f'{name}.jsonl'}")
+        return Domain.from_spec(f"{name}={self.builtin_corpus['stage'] / f'{name}.jsonl'}")
 
     def _train_tokenizer(self, sources: dict[str, Domain]) -> Path:
         s = self.settings
         spec = {"vocab": s.vocab_size, "domains": s.domains, "max_chars": s.max_chars_per_domain,
-                "fractions": [s.val_fraction, s.test_fraction]}
+                "fractions": [s.val_fraction, s.test_fraction],
+                "corpus": self.builtin_corpus["fingerprint"] if self.builtin_corpus else None}
         stage = self.stages.dir("tokenizer", spec)
         if not self.stages.done(stage):
             log(f"training a byte-level BPE tokenizer (vocab {s.vocab_size}) on the training documents")
@@ -695,7 +757,8 @@ def assemble(settings: StudySettings, study: Study, per_seed: dict, title: str) 
                f"mixture training {settings.mixture.steps} steps x {settings.mixture.batch_size} x "
                f"{settings.seq_len} tokens (data-matched).")
     return {"title": title, "summary": summary, "domains": domains, "seeds": settings.seeds,
-            "settings": dataclasses.asdict(settings), "corpus": study.corpus_info, "models": models,
+            "settings": dataclasses.asdict(settings), "corpus": study.corpus_info,
+            "provenance": study.provenance(), "models": models,
             "ordering": ordering, "add_expert": summarize_add_expert(settings, per_seed)}
 
 
