@@ -6,6 +6,8 @@ Input is one `results` dict built by the pipeline (bam/pipeline.py):
                              "cost": {...}, "metrics": path of its training metrics.jsonl or None,
                              "routing": {"ffn": [layer][domain][expert], "attn": [layer][domain][expert]}}
   results["domains"], results["corpus"], results["seeds"], results["ordering"], results["notes"]
+  results["provenance"]: per-domain sha256 and counts, software versions, the built-in corpus's
+                         fingerprint against the README's (bam.pipeline.Study.provenance)
   results["add_expert"]: the Nexus extension experiment (bam.pipeline.summarize_add_expert) or None;
                          its models are in results["models"] with group "add-expert".
 """
@@ -17,6 +19,8 @@ import math
 from pathlib import Path
 
 import matplotlib
+
+from bam.corpus import REFERENCE_FINGERPRINT
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -73,12 +77,34 @@ def cost_table(results: dict) -> str:
 
 
 def corpus_table(results: dict) -> str:
-    lines = ["| domain | documents (train/val/test) | tokens (train/val/test) | found in |", "|---|---|---|---|"]
+    lines = ["| domain | sha256 (first 12) | documents (train/val/test) | characters | tokens (train/val/test) | found in |",
+             "|---|---|---|---|---|---|"]
     for name, info in results["corpus"].items():
         docs, toks = info["documents"], info["tokens"]
-        lines.append(f"| {name} | {docs['train']}/{docs['validation']}/{docs['test']} | "
-                     f"{toks['train']:,}/{toks['validation']:,}/{toks['test']:,} | {'; '.join(info['sources'])} |")
+        chars = "—" if info.get("characters") is None else f"{info['characters']:,}"
+        lines.append(f"| {name} | `{info['sha256'][:12]}` | {docs['train']}/{docs['validation']}/{docs['test']} | "
+                     f"{chars} | {toks['train']:,}/{toks['validation']:,}/{toks['test']:,} | "
+                     f"{'; '.join(info['sources'])} |")
     return "\n".join(lines)
+
+
+def provenance_lines(results: dict) -> list[str]:
+    """The corpus fingerprint, whether it is the README's, and the software the numbers came from."""
+    provenance = results.get("provenance") or {}
+    lines = []
+    corpus = provenance.get("builtin_corpus")
+    if corpus:
+        same = corpus["reference_fingerprint"] == REFERENCE_FINGERPRINT
+        lines.append(f"built-in corpus fingerprint `{corpus['fingerprint']}`; at the default demo's size "
+                     f"`{corpus['reference_fingerprint'][:12]}`, "
+                     + ("the README's" if same else f"not the README's `{REFERENCE_FINGERPRINT[:12]}`"))
+        lines += [f"warning: {w}" for w in corpus["warnings"]]
+        sources = {k: v for k, v in corpus["source_versions"].items() if k not in ("python", "python_implementation")}
+        lines.append("corpus sources: " + ", ".join(f"{k} {v}" for k, v in sources.items()))
+    versions = provenance.get("versions")
+    if versions:
+        lines.append("software: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    return lines
 
 
 def _read_losses(path: str) -> tuple[list[int], list[float]]:
@@ -287,6 +313,7 @@ def write_report(results: dict, out: Path) -> None:
                perplexity_table(results, study_models(results, "add-expert"))]
     md += ["", "## Cost", "", cost_table(results), "",
            "## Corpus", "", corpus_table(results), ""]
+    md += [f"- {line}" for line in provenance_lines(results)] + [""]
     if results.get("notes"):
         md += ["## Notes", ""] + [f"- {n}" for n in results["notes"]] + [""]
     md += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots if p is not None]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from bam.corpus import DOMAINS, REFERENCE_FINGERPRINT, corpus_fingerprint
 from bam.presets import preset_fields
 
 pytestmark = pytest.mark.slow
@@ -28,11 +29,39 @@ def numbers(report: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> dict:
+def uninterrupted_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     out = tmp_path_factory.mktemp("demo") / "run"
     result = run_demo(out)
     assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads((out / "report" / "report.json").read_text())
+    return out, result
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(uninterrupted_run) -> dict:
+    return json.loads((uninterrupted_run[0] / "report" / "report.json").read_text())
+
+
+def test_tiny_demo_says_first_whether_its_corpus_is_the_readmes_and_records_fingerprints(uninterrupted_run,
+                                                                                           uninterrupted):
+    out, result = uninterrupted_run
+    corpus = uninterrupted["provenance"]["builtin_corpus"]
+    first = result.stdout.splitlines()[0]
+    assert first.startswith(f"[bam] corpus {corpus['reference_fingerprint'][:12]}")
+    assert ("the same as the README's" in first) == (corpus["reference_fingerprint"] == REFERENCE_FINGERPRINT)
+    # The tokenized shards' content digests (bam.data) are the corpus stage's fingerprints.
+    shards = {name: info["sha256"] for name, info in uninterrupted["corpus"].items()}
+    assert corpus_fingerprint(shards) == corpus["fingerprint"]
+    assert set(uninterrupted["provenance"]["versions"]) == {"python", "torch", "transformers", "machine"}
+    assert {"torch", "sympy", "numpy"} <= set(corpus["source_versions"])
+    # Every stage's record carries the same per-domain digests and counts.
+    for done in out.glob("stages/*/done.json"):
+        provenance = json.loads(done.read_text())["provenance"]
+        if "domains" in provenance:  # the corpus and tokenizer stages finish before the shards exist
+            assert {n: d["sha256"] for n, d in provenance["domains"].items()} == shards, done
+            assert list(provenance["domains"]) == list(DOMAINS)
+    md = (out / "report" / "report.md").read_text()
+    assert f"built-in corpus fingerprint `{corpus['fingerprint']}`" in md
+    assert f"| legal | `{shards['legal'][:12]}` |" in md
 
 
 def test_tiny_demo_report_has_every_model_and_domain(uninterrupted, tmp_path):
