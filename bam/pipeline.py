@@ -263,9 +263,11 @@ def log(message: str) -> None:
 
 
 def software_versions() -> dict:
-    """What else the numbers depend on: bit-identical reruns need the same torch build and CPU kind."""
+    """What else the numbers depend on: torch picks its CPU kernels by architecture and vector
+    instruction set (AVX2, AVX512, ...), and a kernel's float sums round in its own order."""
     return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "machine": platform.machine()}
+            "transformers": transformers.__version__, "machine": platform.machine(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads()}
 
 
 @dataclass
