@@ -6,7 +6,7 @@ sources whose text is fixed by the Python version and by requirements/default.tx
   general  prose: the Python documentation topics shipped in `pydoc_data`, and the docstrings of
            the standard library's modules, classes and functions (one document per module)
   code     the standard library's own `.py` files, tests excluded (one document per file)
-  math     docstrings of sympy and mpmath (torch's dependencies; one document per module)
+  math     docstrings of sympy and mpmath (torch brings sympy, sympy mpmath; one document per module)
   legal    the licence files in the metadata (`.dist-info`) of LICENSE_DISTRIBUTIONS, a fixed list of
            distributions bam's default install brings, and CPython's LICENSE (one document per file)
 The standard library is the top-level modules of `sys.stdlib_module_names` found in the stdlib
@@ -41,8 +41,8 @@ LICENSE_PREFIXES = ("LICENSE", "LICENCE", "COPYING", "NOTICE", "COPYRIGHT")
 MIN_DOC_CHARS = 200
 MATH_DISTRIBUTIONS = ("sympy", "mpmath")
 # Every one is a dependency of bam, torch, transformers or matplotlib, so the default install brings
-# it and the lock file pins it. (tokenizers and huggingface-hub's network stack are left out: the
-# first ships no licence file, the second changes with every huggingface-hub release.)
+# it and the lock file pins it. Left out: tokenizers, which ships no licence file, and the HTTP stack
+# under huggingface-hub (httpx2, anyio, ...), huggingface-hub's own choice, changed between releases.
 LICENSE_DISTRIBUTIONS = (
     "contourpy", "cycler", "filelock", "fonttools", "fsspec", "huggingface-hub", "jinja2", "kiwisolver",
     "markupsafe", "matplotlib", "mpmath", "networkx", "numpy", "packaging", "pillow", "pyparsing",
@@ -222,6 +222,8 @@ def source_warnings(versions: dict, lock_file: Path = LOCK_FILE) -> list[str]:
             warnings.append(f"{name} {installed} installed, {lock_file.name} pins {pinned}: its text differs")
         elif pinned is None and pins:
             warnings.append(f"{name} is not pinned by {lock_file}: its version {installed} is not checked")
+        if installed is not None and (dist := _distribution(name)) is not None and dist.files is None:
+            warnings.append(f"{name} is installed without a file list (RECORD): its text is missing from the corpus")
     return warnings
 
 
@@ -333,7 +335,7 @@ def reference_line(fingerprint: str) -> str:
     """Whether a corpus at REFERENCE_MAX_CHARS is the README's, in one line."""
     if fingerprint == REFERENCE_FINGERPRINT:
         return (f"corpus {fingerprint[:12]}: the same as the README's, so the default demo reproduces "
-                f"its numbers on the same torch build and CPU architecture")
+                f"its numbers with the same torch build and CPU kernels (README: the same corpus)")
     return (f"corpus {fingerprint[:12]} DIFFERS from the README's {REFERENCE_FINGERPRINT[:12]}: "
             f"this machine's numbers are not comparable with the README's")
 
