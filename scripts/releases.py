@@ -100,11 +100,11 @@ class Venv:
         return subprocess.run([self.python, "-m", "pytest", "-q", *args], env=self.env, cwd=ROOT).returncode
 
 
-def write_lock(path: Path, pins: dict[str, str], command: str) -> None:
-    header = (f"# Every package `{command}` installs, pinned: the environment the whole test suite\n"
-              f"# passed in on {datetime.date.today()} (CPython {platform.python_version()}, {platform.system()} "
-              f"{platform.machine()}). Made by `python scripts/releases.py lock`; use it as pip's\n"
-              f"# constraints (-c), as README.md and .ci/run do. torch is the CPU wheel: install it first.\n")
+def write_lock(path: Path, pins: dict[str, str], command: str, made: str | None = None) -> None:
+    made = made or f"{datetime.date.today()}, CPython {platform.python_version()}, {platform.system()} {platform.machine()}"
+    header = (f"# Every package `{command}` installs, pinned: the set the whole test suite passed on\n"
+              f"# ({made}). Made by `python scripts/releases.py lock`. A pip constraints\n"
+              f"# file (-c), as README.md and .ci/run use it; torch is the CPU wheel, installed first.\n")
     path.parent.mkdir(exist_ok=True)
     tmp = path.with_suffix(".txt.tmp")
     tmp.write_text(header + "".join(f"{name}=={version}\n" for name, version in sorted(pins.items())))
