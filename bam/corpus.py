@@ -219,7 +219,7 @@ def source_warnings(versions: dict, lock_file: Path = LOCK_FILE) -> list[str]:
         if installed is None:
             warnings.append(f"{name} is not installed: its text is missing from the corpus")
         elif pinned is not None and not _matches_pin(installed, pinned):
-            warnings.append(f"{name} {installed} installed, {lock_file.name} pins {pinned}: its text differs")
+            warnings.append(f"{name} {installed} installed, {lock_file.name} pins {pinned}: its text may differ")
         elif pinned is None and pins:
             warnings.append(f"{name} is not pinned by {lock_file}: its version {installed} is not checked")
         if installed is not None and (dist := _distribution(name)) is not None and dist.files is None:
