@@ -12,7 +12,7 @@ from __future__ import annotations
 from transformers import PreTrainedConfig
 
 from bam.errors import BamError
-from bam.transformers_compat import CACHE
+from bam.transformers_compat import CACHE_NAMES
 
 BLOCKS = ("parallel", "sequential")
 NORMS = ("rmsnorm", "layernorm")
@@ -36,7 +36,7 @@ class BamConfig(PreTrainedConfig):
     """
 
     model_type = "bam"
-    keys_to_ignore_at_inference = [CACHE]
+    keys_to_ignore_at_inference = list(CACHE_NAMES)
 
     # The dense transformer (METHOD.md section 2).
     vocab_size: int = 32000

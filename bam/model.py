@@ -26,7 +26,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from bam.config import BamConfig
 from bam.loss import linear_cross_entropy
 from bam.moe import fp32_linear, LinearRouter, MoEFFN, NexusRouter, SwiGLU, SwiGLUExperts
-from bam.transformers_compat import CACHE, cache_argument
+from bam.transformers_compat import cache_argument, cache_name
 
 
 class Norm(nn.Module):
@@ -198,6 +198,7 @@ class LayerRouting:
 
 # The outputs extend transformers' own classes, so every field they declare (the KV cache among
 # them, whatever the installed release calls it: bam/transformers_compat.py) is upstream's.
+CACHE = cache_name()
 
 
 @dataclass

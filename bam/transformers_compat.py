@@ -2,10 +2,10 @@
 
 transformers 5.24 renamed the KV cache from `past_key_values` to `cache` everywhere at once: the
 field of every `ModelOutput`, the keyword `generate()` passes to `forward`, the keys that Trainer
-and accelerate skip. bam never spells the name itself: `CACHE` is read off upstream's own output
+and accelerate skip. bam never spells the name itself: `cache_name()` is read off upstream's own output
 class, our outputs inherit that class's fields, and `forward` takes the cache under either name,
 so one bam runs on releases before and after the rename. A release that renames it again fails
-here, at import, with the reason (tests/test_model.py checks this module against the installed
+here, when the model is imported, with the reason (tests/test_model.py checks this module against the installed
 transformers).
 
 This file is bundled with the remote code of `bam export --format hf` (it is imported by
@@ -14,25 +14,28 @@ bam/model.py), so an exported directory adapts to the transformers of whoever lo
 
 from __future__ import annotations
 
+import functools
 from dataclasses import fields
 
-from transformers.modeling_outputs import CausalLMOutputWithPast
+# Every name the cache field has had, newest first. Trainer skips any of them in a model's outputs
+# (BamConfig.keys_to_ignore_at_inference), so the config needs no transformers modeling import.
+CACHE_NAMES = ("cache", "past_key_values")
 
-# Every name the cache field has had, newest first.
-_CACHE_NAMES = ("cache", "past_key_values")
 
+@functools.cache
+def cache_name() -> str:
+    """The installed transformers' name for the KV cache, read off its own CausalLMOutputWithPast."""
+    # Imported here, not at the top: on older 5.x releases modeling_outputs pulls in the generation
+    # code, which `bam mix` and `bam inspect` (they import the config, never the model) must not pay.
+    from transformers.modeling_outputs import CausalLMOutputWithPast  # noqa: PLC0415
 
-def _cache_field_name() -> str:
     names = [f.name for f in fields(CausalLMOutputWithPast)]
-    for name in _CACHE_NAMES:
+    for name in CACHE_NAMES:
         if name in names:
             return name
     raise ImportError(f"bam: transformers' CausalLMOutputWithPast has fields {names} and none of "
-                      f"{_CACHE_NAMES}: this transformers release renamed the KV cache again; "
+                      f"{CACHE_NAMES}: this transformers release renamed the KV cache again; "
                       f"add the new name to bam/transformers_compat.py")
-
-
-CACHE = _cache_field_name()
 
 
 def cache_argument(cache, kwargs: dict):

@@ -19,8 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralFo
 
 from bam import cost
 from bam.config import BamConfig
-from bam.model import BamForCausalLM
-from bam.transformers_compat import CACHE
+from bam.model import CACHE, BamForCausalLM
 from bench.common import Options, check, check_result, compare, finish, log, new_result, ratio
 
 NAME = "generation"

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from bam import BamConfig, BamForCausalLM
+from bam.model import CACHE
 from bam.moe import MoEFFN, load_balancing_loss, router_z_loss
-from bam.transformers_compat import CACHE
 
 
 def tiny(**overrides) -> BamConfig:
