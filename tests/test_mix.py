@@ -458,7 +458,9 @@ def test_hf_expert_with_a_wrong_ffn_piece_is_refused(tmp_path, capsys):
                                       num_attention_heads=4, num_key_value_heads=2)
     transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "good")
     shutil.copytree(tmp_path / "good", tmp_path / "bad")
-    tensors = load_file(str(tmp_path / "bad" / "model.safetensors"))
+    # Read from `good`: the tensors load_file returns may be views of the file's memory map, and
+    # rewriting the very file they map (as save_file below does to `bad`) is a SIGBUS on older safetensors.
+    tensors = load_file(str(tmp_path / "good" / "model.safetensors"))
     name = "model.layers.1.mlp.up_proj.weight"
     for bad, needle in ((torch.zeros(80, 64), "has 11264 values"), (torch.zeros(96, 32), "(96, 32)")):
         save_file({**tensors, name: bad}, str(tmp_path / "bad" / "model.safetensors"), metadata={"format": "pt"})
