@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bam.config import BamConfig
-from bam.model import MixtureOfAttention, rope_cos_sin
+from bam.modeling.config import BamConfig
+from bam.modeling.model import MixtureOfAttention, rope_cos_sin
 from bench.common import Options, check, check_result, compare, finish, log, new_result, ratio
 
 NAME = "attention"

@@ -9,7 +9,7 @@ transformers' `generate` with its default dynamic KV cache for every model. toke
 new tokens / wall time of the whole `generate` call (the 16-token prefill included).
 
 KV-cache bytes per token are measured from the cache the call returns (the bytes of every key and
-value tensor, divided by batch x cached positions) and compared with bam.cost's prediction.
+value tensor, divided by batch x cached positions) and compared with bam.modeling.cost's prediction.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
-from bam import cost
-from bam.config import BamConfig
-from bam.model import CACHE, BamForCausalLM
+from bam.modeling import cost
+from bam.modeling.config import BamConfig
+from bam.modeling.model import CACHE, BamForCausalLM
 from bench.common import Options, check, check_result, compare, finish, log, new_result, ratio
 
 NAME = "generation"
@@ -84,7 +84,7 @@ def run(opts: Options) -> dict:
     s = shape(opts)
     result = new_result(
         NAME, "Generation: greedy decode tokens/s and KV-cache bytes per token",
-        "our dense model (ratios), transformers Llama / Mixtral of the same shape (peers), bam.cost (KV bytes)",
+        "our dense model (ratios), transformers Llama / Mixtral of the same shape (peers), bam.modeling.cost (KV bytes)",
         opts, {**s, "prompt": PROMPT, "ffn_top_k": 1, "block": "sequential", "cache": "transformers DynamicCache"})
     torch.manual_seed(0)
     built = models(s)
@@ -119,16 +119,16 @@ def run(opts: Options) -> dict:
                          "x dense": ratio(tps[name], tps["ours dense"]),
                          "x peer": ratio(tps[name], tps[peer]) if peer else None,
                          "KV bytes/token (measured)": kv[name],
-                         "KV bytes/token (bam.cost)": cost.kv_cache_bytes_per_token(built[name][1], elem),
+                         "KV bytes/token (bam.modeling.cost)": cost.kv_cache_bytes_per_token(built[name][1], elem),
                          "spread": t.spread})
     kv = {name: (kv[name], cost.kv_cache_bytes_per_token(config, elem)) for name, (_, config) in built.items()}
     result["tables"].append({
         "title": f"d={s['d']}, {s['layers']} layers, {s['experts']} experts, {s['new_tokens']} new tokens after a "
                  f"{PROMPT}-token prompt, {result['dtype']} cache",
         "columns": ["batch", "model", "tokens/s", "ms/token", "x dense", "x peer", "KV bytes/token (measured)",
-                    "KV bytes/token (bam.cost)", "spread"], "rows": rows})
+                    "KV bytes/token (bam.modeling.cost)", "spread"], "rows": rows})
     for name, (measured, predicted) in kv.items():
-        result["checks"].append(check(f"{name}: measured KV bytes/token / bam.cost", ratio(measured, predicted), "==", 1.0))
+        result["checks"].append(check(f"{name}: measured KV bytes/token / bam.modeling.cost", ratio(measured, predicted), "==", 1.0))
     result["checks"].append(check("KV sharing bytes / dense bytes", ratio(kv["ours BAM, KV sharing"][0],
                                                                         kv["ours dense"][0]), "==", 1.0))
     result["checks"].append(check(f"KV experts bytes / dense bytes (N={s['experts']})",

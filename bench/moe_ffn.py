@@ -21,8 +21,8 @@ import torch
 from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
-from bam.config import BamConfig
-from bam.moe import MoEFFN
+from bam.modeling.config import BamConfig
+from bam.modeling.moe import MoEFFN
 from bench.common import Options, check, check_result, compare, finish, log, new_result, ratio
 
 NAME = "moe_ffn"

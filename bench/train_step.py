@@ -9,13 +9,13 @@ Router auxiliary loss ON in both MoEs with coefficient 0.01 (Mixtral: output_rou
 its load-balancing loss; ours: load balancing 0.01 plus our z-loss 1e-3, also computed).
 Both sides: loss from `labels` (shifted inside the model), SDPA attention, no KV cache, AdamW
 lr 1e-4, weight decay 0.1. Our models run the way `bam train` runs them: the LM loss through the
-fused, chunked head + cross-entropy (`return_logits=False`, bam/loss.py) and bam.train's optimizer
+fused, chunked head + cross-entropy (`return_logits=False`, bam/modeling/loss.py) and bam.train.loop's optimizer
 (`make_optimizer`: fused AdamW, no decay on norms and routers). The peers run as transformers'
 Trainer runs them by default: logits, then the cross-entropy, and the fused AdamW kernel (Trainer's
 default optimizer, `adamw_torch_fused`, on torch >= 2.8), so the optimizer is no part of the ratio.
 
 MFU = achieved training FLOPs / fp32 matmul throughput, FLOPs counted as METHOD.md section 5 does
-(bam.cost.flops_per_token with n_ctx = sequence length, training = 3 x inference). The throughput
+(bam.modeling.cost.flops_per_token with n_ctx = sequence length, training = 3 x inference). The throughput
 is the best of a few reference GEMMs timed in the same interleaved rounds as the training steps
 (so both see the same machine load); MFU against the matmul benchmark's peak is reported too.
 """
@@ -25,10 +25,10 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
-from bam import cost
-from bam.config import BamConfig
-from bam.model import BamForCausalLM
-from bam.train import make_optimizer
+from bam.modeling import cost
+from bam.modeling.config import BamConfig
+from bam.modeling.model import BamForCausalLM
+from bam.train.loop import make_optimizer
 from bench import matmul
 from bench.common import Options, check, check_result, compare, finish, log, new_result, ratio
 
@@ -97,7 +97,7 @@ def run(opts: Options) -> dict:
         "transformers MixtralForCausalLM (for our BTX) and LlamaForCausalLM (for our dense), identical shapes; "
         "MFU limit = measured matmul peak", opts,
         {**s, "block": "sequential", "norm": "rmsnorm", "renormalize": True, "router_aux_loss": f"on ({AUX_COEF})",
-         "matmul_peak_gflops": peak, "flops_count": "bam.cost training FLOPs, n_ctx = seq"})
+         "matmul_peak_gflops": peak, "flops_count": "bam.modeling.cost training FLOPs, n_ctx = seq"})
     torch.manual_seed(0)
     models = {
         "ours BTX": BamForCausalLM(bam_config(s, moe=True)),
@@ -159,7 +159,7 @@ def run(opts: Options) -> dict:
                            f"as the steps; 'MFU vs matmul bench' divides by the matmul benchmark's peak "
                            f"({peak:.1f} GFLOP/s) instead")
     result["notes"].append("ours run as `bam train` runs them: fused chunked LM head + cross-entropy (no logits "
-                           "tensor, bam/loss.py) and fused AdamW (bam.train.make_optimizer); the transformers "
+                           "tensor, bam/modeling/loss.py) and fused AdamW (bam.train.loop.make_optimizer); the transformers "
                            "models as transformers' Trainer runs them: logits + cross-entropy from `labels`, fused AdamW "
                            "(Trainer's default `adamw_torch_fused`)")
     result["notes"].append("METHOD.md's count omits norms, softmax, RoPE, the loss and the optimizer and counts "

@@ -23,13 +23,13 @@ import traceback
 # plots use matplotlib's Agg backend; the zygote is started with MPLBACKEND=Agg).
 import matplotlib.pyplot  # noqa: F401
 
-import bam.checkpoint
+import bam.formats.checkpoint
 import bam.cli
-import bam.mix
-import bam.pipeline
-import bam.report
-import bam.tokenizer
-import bam.train
+import bam.mix.mixing
+import bam.study.study
+import bam.study.report
+import bam.data.tokenizer
+import bam.train.loop
 
 
 def run_child(argv: list[str], log: str) -> None:

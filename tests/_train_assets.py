@@ -74,7 +74,7 @@ def prose_documents() -> list[str]:
 @functools.lru_cache(maxsize=None)
 def build_assets() -> Assets:
     from bam.cli import main
-    from bam.tokenizer import train_tokenizer
+    from bam.data.tokenizer import train_tokenizer
 
     root = Path(tempfile.mkdtemp(prefix="bam-train-tests-"))
     atexit.register(shutil.rmtree, root, ignore_errors=True)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from bam.config import BamConfig
+from bam.modeling.config import BamConfig
 
 TINY_SHAPE = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
@@ -28,7 +28,7 @@ def random_model():
     """
 
     def make(config: BamConfig, seed: int = 0):
-        from bam.model import BamForCausalLM
+        from bam.modeling.model import BamForCausalLM
 
         generator = torch.Generator().manual_seed(seed)
         model = BamForCausalLM(config).eval()

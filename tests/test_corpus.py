@@ -12,7 +12,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 import bam
-from bam.corpus import (
+from bam.data.corpus import (
     DOMAINS,
     LICENSE_DISTRIBUTIONS,
     LICENSE_PREFIXES,
@@ -60,7 +60,7 @@ def test_the_readme_quotes_the_reference_fingerprint():
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     assert REFERENCE_FINGERPRINT in readme
     quoted = set(re.findall(r"corpus fingerprint `([0-9a-f]{64})`", readme))
-    assert quoted == {REFERENCE_FINGERPRINT}, "the README quotes another corpus fingerprint than bam.corpus"
+    assert quoted == {REFERENCE_FINGERPRINT}, "the README quotes another corpus fingerprint than bam.data.corpus"
 
 
 def test_fingerprints_are_bam_data_content_digests_of_the_documents():
@@ -91,7 +91,7 @@ def test_a_version_other_than_the_lock_files_is_named_in_a_warning(tmp_path):
 RESTRICTED = """
 import importlib.metadata, json, sys
 sys.path[:0] = sys.argv[1:]
-from bam.corpus import build_corpus
+from bam.data.corpus import build_corpus
 corpus = build_corpus()
 print(json.dumps({"domains": {n: d.fingerprint for n, d in corpus.domains.items()},
                   "distributions": sorted(d.metadata["Name"] for d in importlib.metadata.distributions())}))

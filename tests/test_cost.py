@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from bam import cost
-from bam.checkpoint import save_model
+from bam.modeling import cost
+from bam.formats.checkpoint import save_model
 from bam.cli import main
-from bam.mix import mixed_config
-from bam.model import BamForCausalLM
+from bam.mix.mixing import mixed_config
+from bam.modeling.model import BamForCausalLM
 
 VARIANTS = {
     "dense": {},

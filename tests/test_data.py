@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-import bam.data as data
-from bam.data import (
+import bam.data.shards as data
+from bam.data.shards import (
     Domain,
     DomainSpec,
     MixtureSampler,
@@ -24,7 +24,7 @@ from bam.data import (
     prepare_domain,
 )
 from bam.errors import BamError
-from bam.tokenizer import load_tokenizer, train_tokenizer
+from bam.data.tokenizer import load_tokenizer, train_tokenizer
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
@@ -386,7 +386,7 @@ def test_text_file_split_is_the_same_every_time(input_txt, tokenizer, tmp_path):
         np.testing.assert_array_equal(second.tokens(split), first.tokens(split))
     # Another process, with another string-hash seed: the same cache key and the same tokens.
     script = (
-        "import hashlib, json, sys; import numpy as np; from bam.data import prepare_domain; "
+        "import hashlib, json, sys; import numpy as np; from bam.data.shards import prepare_domain; "
         "d = prepare_domain(sys.argv[1], sys.argv[2], sys.argv[3], val_fraction=0.1, test_fraction=0.1); "
         "print(json.dumps([d.meta['key']] + [hashlib.sha256(np.asarray(d.tokens(s)).tobytes()).hexdigest() "
         "for s in ('train', 'validation', 'test')]))"
@@ -515,7 +515,7 @@ def test_truncation_on_the_callers_tokenizer_does_not_cut_documents(tokenizer, t
 
 
 def test_atomic_cache_entry(tmp_path):
-    from bam.checkpoint import atomic_output_dir
+    from bam.formats.checkpoint import atomic_output_dir
 
     final = tmp_path / "entry"
     with atomic_output_dir(final, keep_existing=True) as tmp:

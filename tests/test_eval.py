@@ -9,11 +9,11 @@ import pytest
 import torch
 from _train_assets import VOCAB, build_assets, run_bam
 
-from bam.checkpoint import load_model, save_model
+from bam.formats.checkpoint import load_model, save_model
 from bam.cli import main
-from bam.data import prepare_domain
-from bam.evaluate import evaluate_domain, evaluate_domains, summary
-from bam.tokenizer import load_tokenizer
+from bam.data.shards import prepare_domain
+from bam.eval.perplexity import evaluate_domain, evaluate_domains, summary
+from bam.data.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")

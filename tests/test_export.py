@@ -19,11 +19,11 @@ import torch
 import transformers
 
 import bam  # registers the Auto classes
-from bam.checkpoint import load_model, save_model
+from bam.formats.checkpoint import load_model, save_model
 from bam.cli import main
-from bam.config import BamConfig
-from bam.model import BamForCausalLM
-from bam.tokenizer import train_tokenizer
+from bam.modeling.config import BamConfig
+from bam.modeling.model import BamForCausalLM
+from bam.data.tokenizer import train_tokenizer
 
 SHAPE = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
@@ -201,9 +201,9 @@ def test_inexpressible_export_is_refused_and_writes_nothing(refusable, model, fm
 
 def test_parity_check_refuses_a_wrong_conversion(refusable, monkeypatch, capsys):
     """If the conversion were wrong, the logit check would catch it and nothing would be written."""
-    import bam.export
+    import bam.formats.export
 
-    real_plan = bam.export.tensor_plan
+    real_plan = bam.formats.export.tensor_plan
 
     def plan_with_swapped_experts(config, fmt, dtype):
         plan = real_plan(config, fmt, dtype)
@@ -211,7 +211,7 @@ def test_parity_check_refuses_a_wrong_conversion(refusable, monkeypatch, capsys)
         plan["model.layers.1.mlp.experts.down_proj"] = inputs, lambda t: t.flip(0)
         return plan
 
-    monkeypatch.setattr(bam.export, "tensor_plan", plan_with_swapped_experts)
+    monkeypatch.setattr(bam.formats.export, "tensor_plan", plan_with_swapped_experts)
     assert bam_cli("mix", refusable / "llama0", refusable / "llama1", "--method", "btx", "--top-k", "2",
                    "--renormalize", "--out", refusable / "btx_top2") == 0
     out = refusable / "swapped.mixtral"
@@ -267,8 +267,8 @@ def test_hf_format_code_is_generated_from_the_package(remote):
     assert config["auto_map"] == {"AutoConfig": "configuration_bam.BamConfig",
                                   "AutoModelForCausalLM": "modeling_bam.BamForCausalLM"}
     package = Path(bam.__file__).parent
-    for generated, original in [("modeling_bam.py", "model.py"), ("configuration_bam.py", "config.py"),
-                                ("bam_moe.py", "moe.py"), ("bam_errors.py", "errors.py")]:
+    for generated, original in [("modeling_bam.py", "modeling/model.py"), ("configuration_bam.py", "modeling/config.py"),
+                                ("bam_modeling_moe.py", "modeling/moe.py"), ("bam_errors.py", "errors.py")]:
         text = (out / generated).read_text()
         assert not re.search(r"^\s*(from|import) bam\b", text, re.MULTILINE)
         # Apart from the header line and the rewritten imports, the file is our source verbatim.

@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from bam.checkpoint import load_model, save_model
+from bam.formats.checkpoint import load_model, save_model
 from bam.cli import main
-from bam.config import BamConfig
-from bam.model import BamForCausalLM
-from bam.tokenizer import load_tokenizer, train_tokenizer
+from bam.modeling.config import BamConfig
+from bam.modeling.model import BamForCausalLM
+from bam.data.tokenizer import load_tokenizer, train_tokenizer
 
 PROMPT = "def dedent(text):\n    "
 

@@ -16,12 +16,12 @@ import torch
 
 import lm_eval  # noqa: E402,F401  (a test dependency: pip install -e ".[test]")
 
-from bam.checkpoint import load_model, save_model  # noqa: E402
+from bam.formats.checkpoint import load_model, save_model  # noqa: E402
 from bam.cli import main  # noqa: E402
-from bam.config import BamConfig  # noqa: E402
-from bam.lm_eval_glue import run_lm_eval  # noqa: E402
-from bam.model import BamForCausalLM  # noqa: E402
-from bam.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
+from bam.modeling.config import BamConfig  # noqa: E402
+from bam.eval.harness import run_lm_eval  # noqa: E402
+from bam.modeling.model import BamForCausalLM  # noqa: E402
+from bam.data.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
 
 TASK = "bam_test_arith"
 

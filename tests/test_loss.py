@@ -1,10 +1,10 @@
-"""The fused LM head + cross-entropy (bam/loss.py) against F.cross_entropy over materialized logits."""
+"""The fused LM head + cross-entropy (bam/modeling/loss.py) against F.cross_entropy over materialized logits."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from bam.loss import linear_cross_entropy
+from bam.modeling.loss import linear_cross_entropy
 
 
 def assert_rel_close(actual, expected, rel=2e-6):
@@ -100,8 +100,8 @@ def test_bf16_autocast_keeps_fp32_loss_and_gradients():
 
 
 def bam_model(tied: bool, logit_scale: float = 1.0):
-    from bam.config import BamConfig
-    from bam.model import BamForCausalLM
+    from bam.modeling.config import BamConfig
+    from bam.modeling.model import BamForCausalLM
 
     config = BamConfig(vocab_size=173, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,

@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from bam.checkpoint import load_model, open_model, save_model
+from bam.formats.checkpoint import load_model, open_model, save_model
 from bam.cli import main
-from bam.mix import mixed_config, new_router, parameter_shapes
-from bam.nexus import DomainEmbeddings
+from bam.mix.mixing import mixed_config, new_router, parameter_shapes
+from bam.mix.nexus import DomainEmbeddings
 
 TOKENS = torch.randint(0, 128, (2, 13), generator=torch.Generator().manual_seed(7))
 
@@ -375,7 +375,7 @@ CONFIG_VARIANTS = {
 
 @pytest.mark.parametrize("variant", CONFIG_VARIANTS)
 def test_parameter_shapes_match_the_model(variant, tiny_config):
-    from bam.model import BamForCausalLM
+    from bam.modeling.model import BamForCausalLM
 
     config = CONFIG_VARIANTS[variant](tiny_config)
     with torch.device("meta"):
@@ -400,7 +400,7 @@ def test_mixing_does_not_import_the_model(tiny_config, random_model, tmp_path):
         upstream = set(sys.modules)
         from bam.cli import main
         assert main(sys.argv[1:]) == 0
-        heavy = [m for m in ("bam.model", "transformers.modeling_utils", "transformers.generation.utils")
+        heavy = [m for m in ("bam.modeling.model", "transformers.modeling_utils", "transformers.generation.utils")
                  if m in sys.modules and m not in upstream]
         print(",".join(heavy) or "none")
     """)
@@ -411,13 +411,13 @@ def test_mixing_does_not_import_the_model(tiny_config, random_model, tmp_path):
 
 
 def test_auto_classes_build_bam_models_after_import_bam(tiny_config, random_model, tmp_path):
-    """`import bam` registers the model although it imports bam.model only on first use."""
+    """`import bam` registers the model although it imports bam.modeling.model only on first use."""
     dense = save_dense(random_model, tiny_config(), tmp_path / "dense")
     script = textwrap.dedent("""
         import sys
         import bam
         import transformers
-        assert "bam.model" not in sys.modules
+        assert "bam.modeling.model" not in sys.modules
         model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1])
         assert type(model) is bam.BamForCausalLM, type(model)
         config = transformers.AutoConfig.from_pretrained(sys.argv[1])
@@ -474,8 +474,8 @@ def test_hf_expert_with_a_wrong_ffn_piece_is_refused(tmp_path, capsys):
 
 STREAMING_SCRIPT = textwrap.dedent("""
     import json, sys, threading, time
-    from bam.checkpoint import open_model
-    from bam.mix import mix
+    from bam.formats.checkpoint import open_model
+    from bam.mix.mixing import mix
 
     def anon_kb():
         # Anonymous (heap) memory only: tensors read through safetensors' mmap also show up as

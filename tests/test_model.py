@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from bam import BamConfig, BamForCausalLM
-from bam.model import CACHE
-from bam.moe import MoEFFN, load_balancing_loss, router_z_loss
+from bam.modeling.model import CACHE
+from bam.modeling.moe import MoEFFN, load_balancing_loss, router_z_loss
 
 
 def tiny(**overrides) -> BamConfig:
@@ -75,7 +75,7 @@ def test_mixture_of_attention_equals_naive_per_expert_attention(variant):
     attn = model_for(config).model.layers[0].attn
     h = torch.randn(2, 9, config.hidden_size)
     positions = torch.arange(9)
-    from bam.model import rope_cos_sin
+    from bam.modeling.model import rope_cos_sin
 
     cos_sin = rope_cos_sin(positions.expand(2, 9), config.head_dim, config.rope_theta, h.dtype)
     ours, _ = attn(h, cos_sin, None, None)
@@ -85,7 +85,7 @@ def test_mixture_of_attention_equals_naive_per_expert_attention(variant):
 def test_rope_matches_transformers_llama_in_value_and_gradient():
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    from bam.model import apply_rope, rope_cos_sin
+    from bam.modeling.model import apply_rope, rope_cos_sin
 
     B, T, H, Dh = 2, 7, 3, 16
     positions = torch.tensor([[0, 1, 2, 3, 4, 5, 6], [3, 4, 5, 6, 7, 8, 9]])  # a cached prefix in row 1
@@ -260,7 +260,7 @@ def test_outputs_are_transformers_own_and_hold_the_cache_where_transformers_puts
     from transformers.cache_utils import Cache
     from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-    from bam.model import BamModelOutput, BamOutput
+    from bam.modeling.model import BamModelOutput, BamOutput
 
     for ours, theirs in ((BamOutput, CausalLMOutputWithPast), (BamModelOutput, BaseModelOutputWithPast)):
         assert issubclass(ours, theirs)

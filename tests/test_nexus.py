@@ -12,13 +12,13 @@ from _train_assets import build_assets
 from safetensors.torch import load_file
 from torch.utils.flop_counter import FlopCounterMode
 
-from bam import cost
-from bam.checkpoint import load_model, open_model, save_model
+from bam.modeling import cost
+from bam.formats.checkpoint import load_model, open_model, save_model
 from bam.cli import main
 from bam.errors import BamError
-from bam.mix import add_expert, mix, new_router
-from bam.moe import MoEFFN
-from bam.nexus import (
+from bam.mix.mixing import add_expert, mix, new_router
+from bam.modeling.moe import MoEFFN
+from bam.mix.nexus import (
     DomainEmbeddings,
     domain_embedding,
     rms_normalize,
@@ -115,7 +115,7 @@ def test_shared_expert_with_a_linear_router_adds_to_the_routed_output(tiny_confi
 
 def test_gradient_reaches_the_projection_but_never_the_domain_embeddings(tiny_config, random_model):
     """What `bam train` does: unfreeze everything (--train-only all), AdamW with weight decay."""
-    from bam.train import param_groups, set_trainable
+    from bam.train.loop import param_groups, set_trainable
 
     model = random_model(tiny_config(n_ffn_experts=3, **NEXUS)).train()
     router = model.model.layers[0].ffn.router
@@ -455,7 +455,7 @@ def assets():
 
 
 def test_hidden_mean_embedding_equals_a_hand_built_forward(assets):
-    from bam.data import prepare_domain
+    from bam.data.shards import prepare_domain
 
     model = load_model(assets.seed)
     domain = prepare_domain(f"code={assets.code}", assets.tokenizer, assets.cache)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from bam.corpus import DOMAINS, REFERENCE_FINGERPRINT, corpus_fingerprint
-from bam.presets import preset_fields
+from bam.data.corpus import DOMAINS, REFERENCE_FINGERPRINT, corpus_fingerprint
+from bam.modeling.presets import preset_fields
 
 pytestmark = pytest.mark.slow
 
@@ -48,7 +48,7 @@ def test_tiny_demo_says_first_whether_its_corpus_is_the_readmes_and_records_fing
     first = result.stdout.splitlines()[0]
     assert first.startswith(f"[bam] corpus {corpus['reference_fingerprint'][:12]}")
     assert ("the same as the README's" in first) == (corpus["reference_fingerprint"] == REFERENCE_FINGERPRINT)
-    # The tokenized shards' content digests (bam.data) are the corpus stage's fingerprints.
+    # The tokenized shards' content digests (bam.data.shards) are the corpus stage's fingerprints.
     shards = {name: info["sha256"] for name, info in uninterrupted["corpus"].items()}
     assert corpus_fingerprint(shards) == corpus["fingerprint"]
     assert {"python", "torch", "transformers", "machine", "cpu_capability"} <= set(uninterrupted["provenance"]["versions"])

@@ -37,8 +37,8 @@ import pytest
 import torch
 from _train_assets import Assets, build_assets, read_metrics, tensors, train_losses
 
-import bam.train as train_module
-from bam.checkpoint import (
+import bam.train.loop as train_module
+from bam.formats.checkpoint import (
     MANIFEST_NAME,
     atomic_output_dir,
     load_model,
@@ -48,9 +48,9 @@ from bam.checkpoint import (
     verify_manifest,
 )
 from bam.cli import main
-from bam.config import BamConfig
+from bam.modeling.config import BamConfig
 from bam.errors import BamError
-from bam.model import BamForCausalLM
+from bam.modeling.model import BamForCausalLM
 
 TESTS = Path(__file__).parent
 PACKAGE = TESTS.parent / "bam"
@@ -122,7 +122,7 @@ def test_every_model_directory_written_carries_a_manifest(tmp_path):
     assert verify_manifest(tmp_path / "moe")
 
     # export goes the same way: --format hf writes code files, listed too.
-    from bam.export import export
+    from bam.formats.export import export
 
     export(tmp_path / "moe", "hf", tmp_path / "exported")
     listed = read_manifest(tmp_path / "exported")
@@ -167,7 +167,7 @@ def test_a_flipped_weight_byte_is_detected_at_load_naming_the_file(tmp_path, cap
 
 
 def test_verification_is_lazy_and_once_per_file(tmp_path, monkeypatch):
-    from bam import checkpoint
+    from bam.formats import checkpoint
 
     dense = tiny_dense(tmp_path / "dense")
     calls = []
@@ -182,7 +182,7 @@ def test_verification_is_lazy_and_once_per_file(tmp_path, monkeypatch):
 
 
 def test_the_manifest_takes_the_writers_digest_unless_the_file_changed_after(tmp_path, monkeypatch):
-    from bam import checkpoint
+    from bam.formats import checkpoint
 
     calls = []
     real = checkpoint.sha256_file
@@ -801,7 +801,7 @@ def test_a_skipped_step_is_reported_on_stderr_and_in_the_metrics(assets, tmp_pat
 
 def test_router_logits_and_z_loss_stay_fp32_under_autocast():
     """Training runs under bf16 autocast on GPU; CPU autocast applies the same casting rules."""
-    from bam.moe import MoEFFN
+    from bam.modeling.moe import MoEFFN
 
     config = BamConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                        num_attention_heads=4, n_ffn_experts=4, n_attn_experts=2)

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from bam.errors import BamError
-from bam.pipeline import (
+from bam.study.study import (
     ADD_EXPERT_ROLES,
     AddExpertSettings,
     StudySettings,
@@ -16,7 +16,7 @@ from bam.pipeline import (
     new_expert_share,
     summarize_add_expert,
 )
-from bam.report import write_report
+from bam.study.report import write_report
 
 DOMAINS = {"general": "builtin", "code": "builtin", "math": "builtin", "legal": "builtin"}
 

@@ -8,7 +8,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from bam.errors import BamError
-from bam.tokenizer import ENDOFTEXT, MIN_VOCAB_SIZE, load_tokenizer, train_tokenizer
+from bam.data.tokenizer import ENDOFTEXT, MIN_VOCAB_SIZE, load_tokenizer, train_tokenizer
 
 # Covers 2- to 4-byte UTF-8, spacing that "clean up tokenization spaces" would rewrite, tabs, newlines.
 UNICODE_SAMPLE = "naïve café, Grüße — 日本語のテキスト 🦀🐍 x  =  1 .\n\tdon't , stop ; ∑(α²)\r\n"

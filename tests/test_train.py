@@ -14,13 +14,13 @@ import pytest
 import torch
 from _train_assets import VOCAB, bam_cmd, build_assets, read_metrics, run_bam, tensors, train_losses
 
-import bam.train as train_module
-from bam.checkpoint import load_model, save_model
+import bam.train.loop as train_module
+from bam.formats.checkpoint import load_model, save_model
 from bam.cli import main
-from bam.config import BamConfig
+from bam.modeling.config import BamConfig
 from bam.errors import BamError
-from bam.model import BamForCausalLM
-from bam.train import TrainConfig, lr_at, train
+from bam.modeling.model import BamForCausalLM
+from bam.train.loop import TrainConfig, lr_at, train
 
 
 @pytest.fixture(scope="module")
@@ -291,7 +291,7 @@ def test_too_many_non_finite_steps_stop_naming_the_last_good_checkpoint(assets, 
 
 
 def test_presets_have_the_documented_sizes():
-    from bam.presets import PRESETS, preset_fields
+    from bam.modeling.presets import PRESETS, preset_fields
 
     def non_embedding_params(name: str) -> int:
         with torch.device("meta"):

@@ -1,0 +1,132 @@
+"""`bam mix` (dense experts -> one MoE checkpoint) and `bam inspect` (what a checkpoint costs)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from bam.modeling import cost
+from bam.formats.checkpoint import open_model
+from bam.errors import BamError
+from bam.mix.mixing import METHODS, NEXUS_METHODS, PROVENANCE_NAME, mix, source_dtype
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "mix", help="mix dense experts into one MoE (BTX, BAM, BAM with KV sharing, sparse upcycling)",
+        description="Mix dense models branched from one seed into one Mixture-of-Experts (METHOD.md 3). "
+                    "btx/bam/bam-shared make one expert per DIR; upcycle copies one DIR's FFN N times.",
+    )
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="dense model directories (ours or Hugging Face)")
+    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--out", required=True, type=Path, help="output model directory")
+    p.add_argument("--top-k", type=int, default=1, help="FFN experts per token (default 1, as BAM)")
+    p.add_argument("--renormalize", action=argparse.BooleanOptionalAction, default=False,
+                   help="renormalize the top-k gates to sum to 1 (Mixtral/original BTX); default off, as BAM")
+    p.add_argument("--num-experts", type=int, default=None, help="number of FFN copies (upcycle)")
+    p.add_argument("--router-init-std", type=float, default=0.02, help="std of the new routers (default 0.02)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the new routers")
+    p.add_argument("--weights", type=_weights, default=None, metavar="W1,W2,..",
+                   help="weighted instead of uniform average of the shared parameters, one weight per DIR")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    nexus = p.add_argument_group(
+        "Nexus (--method nexus, nexus-bam, nexus-bam-shared): the seed DIR first (its FFN becomes the shared "
+        "expert), then one DIR per domain expert")
+    nexus.add_argument("--domain-embeddings", type=Path, metavar="FILE",
+                       help="bam embed-domains output, one vector per domain expert")
+    nexus.add_argument("--domains", metavar="A,B,..",
+                       help="the domains of the expert DIRs, in order (default: the file's order)")
+    nexus.add_argument("--nexus-hidden-dim", type=int, default=None,
+                       help="hidden width h' of the router projection (default: hidden_size)")
+    p.set_defaults(func=run_mix)
+
+    p = subparsers.add_parser(
+        "inspect", help="parameters (total/active), FLOPs and KV-cache bytes per token of a model",
+        description="Cost accounting of a model directory (METHOD.md 5), from its config.",
+    )
+    p.add_argument("dir", metavar="DIR", help="model directory (ours or Hugging Face)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--n-ctx", type=int, default=256, help="context length for attention FLOPs (default 256)")
+    p.add_argument("--dtype-bytes", type=int, default=None,
+                   help="bytes per KV-cache element (default: the checkpoint's dtype)")
+    p.set_defaults(func=run_inspect)
+
+
+def _weights(text: str) -> list[float]:
+    try:
+        return [float(w) for w in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+
+
+def run_mix(args) -> int:
+    if args.method in NEXUS_METHODS:
+        from bam.cli.nexus import cmd_mix_nexus  # noqa: PLC0415
+
+        return cmd_mix_nexus(args)
+    if args.domain_embeddings or args.domains or args.nexus_hidden_dim:
+        raise BamError(f"--domain-embeddings, --domains and --nexus-hidden-dim apply to the nexus methods, "
+                       f"not {args.method}")
+    sources = [open_model(d) for d in args.dirs]
+    out = mix(sources, args.method, args.out, top_k=args.top_k, renormalize=args.renormalize,
+              num_experts=args.num_experts, router_init_std=args.router_init_std, seed=args.seed,
+              weights=args.weights, overwrite=args.overwrite)
+    config = open_model(out).config
+    attention = ("one shared attention" if config.n_attn_experts == 1 else
+                 f"{config.n_attn_experts} attention experts ({'shared' if config.kv_shared else 'own'} K/V)")
+    gates = "renormalized" if config.ffn_renormalize else "not renormalized"
+    print(f"wrote {out} ({args.method}): {attention}, {config.n_ffn_experts} FFN experts top-{config.ffn_top_k} "
+          f"{gates}; params {_count(cost.params_total(config))} total, "
+          f"{_count(cost.params_active(config))} active; provenance in {out / PROVENANCE_NAME}")
+    return 0
+
+
+def run_inspect(args) -> int:
+    if args.n_ctx < 1:
+        raise BamError(f"--n-ctx {args.n_ctx}: expected a positive integer")
+    if args.dtype_bytes is not None and args.dtype_bytes < 1:
+        raise BamError(f"--dtype-bytes {args.dtype_bytes}: expected a positive integer")
+    source = open_model(args.dir)
+    dtype_bytes = args.dtype_bytes or source_dtype(source).itemsize
+    summary = cost.summarize(source.config, args.n_ctx, dtype_bytes)
+    summary = {"path": str(source.path), "family": source.family, **summary}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(_table(summary))
+    return 0
+
+
+def _table(s: dict) -> str:
+    c = s["config"]
+    attention = f"{c['num_attention_heads']} heads, {c['num_key_value_heads']} KV heads, head_dim {c['head_dim']}"
+    if c["n_attn_experts"] > 1:
+        kv = "KV shared" if c["kv_shared"] else "KV experts"
+        attention += f"; {c['n_attn_experts']} experts, {kv}, {c['attn_routing']} routing"
+    ffn = f"d_ff {c['intermediate_size']}"
+    if c["n_ffn_experts"] > 1:
+        norm = "renormalized" if c["ffn_renormalize"] else "not renormalized"
+        ffn += f"; {c['n_ffn_experts']} experts, top-{c['ffn_top_k']}, {norm}"
+    rows = [
+        ("model", f"{s['path']} ({s['family']} checkpoint)"),
+        ("layout", c["layout"]),
+        ("block", f"{c['block']}, {c['norm']}, {c['num_hidden_layers']} layers, d {c['hidden_size']}, "
+                  f"vocab {c['vocab_size']}{', tied embeddings' if c['tie_word_embeddings'] else ''}"),
+        ("attention", attention),
+        ("ffn", ffn),
+        ("params", f"{_count(s['params_total'])} total, {_count(s['params_active'])} active per token"),
+        ("flops/token", f"{_count(s['flops_per_token'])} inference, {_count(s['training_flops_per_token'])} "
+                        f"training (n_ctx {s['n_ctx']})"),
+        ("kv cache", f"{s['kv_cache_bytes_per_token']:,} bytes/token ({s['dtype_bytes']} bytes/element)"),
+    ]
+    width = max(len(key) for key, _ in rows)
+    return "\n".join(f"{key:<{width}}  {value}" for key, value in rows)
+
+
+def _count(n: int) -> str:
+    """1234567 -> '1.23M (1,234,567)': readable magnitude, exact value alongside."""
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit} ({n:,})"
+    return f"{n:,}"

@@ -1,0 +1,331 @@
+"""Verbs that make and train dense models: `init`, `branch`, `train`, `eval`, `tokenizer train`.
+
+Each handler turns parsed arguments into a call of the library function that does the work
+(bam.modeling.presets, bam.train.loop, bam.eval.perplexity, bam.data.tokenizer), so the pipeline can call the same code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+from bam.errors import BamError
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+BRANCH_MANIFEST = "branch.json"
+# Top-level files of a Hugging Face model directory that `branch` copies byte for byte.
+MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".txt", ".model", ".jinja")
+
+
+def register(subparsers) -> None:
+    _register_init(subparsers)
+    _register_branch(subparsers)
+    _register_train(subparsers)
+    _register_eval(subparsers)
+    _register_tokenizer(subparsers)
+
+
+# ---------------------------------------------------------------------------------------------
+# bam init
+
+
+def _register_init(subparsers) -> None:
+    from bam.modeling.presets import preset_names  # noqa: PLC0415
+
+    p = subparsers.add_parser("init", help="a fresh dense model from a preset or config file",
+                              description="Create a randomly initialised dense model sized to a tokenizer.")
+    shape = p.add_mutually_exclusive_group(required=True)
+    shape.add_argument("--preset", choices=preset_names(), help="named shape (see bam/modeling/presets.py)")
+    shape.add_argument("--config", metavar="FILE", help="JSON or YAML file of BamConfig fields")
+    p.add_argument("--tokenizer", required=True, metavar="DIR", help="tokenizer directory (sets vocab_size)")
+    p.add_argument("--out", required=True, metavar="DIR", help="model directory to create")
+    p.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
+    p.set_defaults(func=cmd_init)
+
+
+def cmd_init(args) -> int:
+    import torch  # noqa: PLC0415
+
+    from bam.formats.checkpoint import save_model  # noqa: PLC0415
+    from bam.modeling.model import BamForCausalLM  # noqa: PLC0415
+    from bam.modeling.presets import build_config, config_file_fields, preset_fields  # noqa: PLC0415
+    from bam.data.tokenizer import load_tokenizer  # noqa: PLC0415
+
+    tokenizer = load_tokenizer(args.tokenizer)
+    if args.preset:
+        fields, where = preset_fields(args.preset), f"preset {args.preset}"
+    else:
+        fields, where = config_file_fields(args.config), args.config
+    config = build_config(fields, tokenizer, where)
+    torch.manual_seed(args.seed)
+    model = BamForCausalLM(config)
+    save_model(model, args.out, Path(args.tokenizer))
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"bam init: wrote {args.out} ({n_params / 1e6:.2f}M parameters, vocab {config.vocab_size}, "
+          f"{config.num_hidden_layers} layers, d={config.hidden_size})")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# bam branch
+
+
+def _register_branch(subparsers) -> None:
+    p = subparsers.add_parser("branch", help="copy a seed model once per domain",
+                              description="Make one copy of SEED per expert domain, plus a manifest "
+                                          f"({BRANCH_MANIFEST}) recording the seed and its hash.")
+    p.add_argument("seed", metavar="SEED", help="seed model directory (ours or a supported HF checkpoint)")
+    p.add_argument("--experts", required=True, metavar="A,B,...", help="comma-separated domain names")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory to create: DIR/<domain>/ per expert")
+    p.set_defaults(func=cmd_branch)
+
+
+def parse_expert_names(spec: str) -> list[str]:
+    names = [name.strip() for name in spec.split(",")]
+    for name in names:
+        if not _NAME_RE.match(name):
+            raise BamError(f"--experts {spec}: domain name {name!r} must match [A-Za-z0-9][A-Za-z0-9_.-]*")
+    duplicate = next((n for n in names if names.count(n) > 1), None)
+    if duplicate:
+        raise BamError(f"--experts {spec}: domain {duplicate!r} is given twice")
+    return names
+
+
+def branch(seed: str | Path, experts: list[str], out: str | Path) -> Path:
+    """DIR/<domain>/ for every expert (each a full model directory) and DIR/branch.json, atomically.
+
+    Our own checkpoints are copied byte for byte (after checking the seed against its manifest,
+    so a corrupt seed is not multiplied); an imported Hugging Face seed is converted once to our
+    format and that is copied, so every expert loads the same way. Each expert directory gets its
+    own manifest.
+    """
+    from bam.formats.checkpoint import (  # noqa: PLC0415
+        MANIFEST_NAME,
+        atomic_output_dir,
+        load_model,
+        open_model,
+        save_model,
+        sha256_file,
+        verify_manifest,
+        write_manifest,
+    )
+
+    seed = Path(seed)
+    source = open_model(seed)
+    weight_files = sorted({Path(p).name for p in _weight_files(seed)})
+    manifest = {
+        "format": 1,
+        "seed": {"path": str(seed.resolve()), "family": source.family,
+                 "sha256": {name: sha256_file(seed / name) for name in weight_files}},
+        "experts": {name: {"path": name} for name in experts},
+    }
+    with atomic_output_dir(out) as tmp:
+        first = tmp / experts[0]
+        if source.family == "bam":
+            verify_manifest(seed)
+            first.mkdir()
+            for path in sorted(seed.iterdir()):
+                if (path.is_file() and not path.name.startswith(".") and path.suffix in MODEL_FILE_SUFFIXES
+                        and path.name != MANIFEST_NAME):
+                    shutil.copy2(path, first / path.name)
+            write_manifest(first)
+        else:
+            save_model(load_model(seed), first, source.tokenizer_dir)
+        for name in experts[1:]:
+            shutil.copytree(first, tmp / name)
+        (tmp / BRANCH_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return Path(out)
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    from bam.formats.checkpoint import SafetensorsFiles  # noqa: PLC0415
+
+    return sorted(set(SafetensorsFiles(directory).file_of.values()))
+
+
+def cmd_branch(args) -> int:
+    experts = parse_expert_names(args.experts)
+    out = branch(args.seed, experts, args.out)
+    print(f"bam branch: wrote {len(experts)} experts ({', '.join(experts)}) to {out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# bam train
+
+
+# What --data accepts and how it becomes documents: the one text every verb taking --data shows
+# (train, eval, embed-domains, add-expert); `bam tokenizer train --data` refers to it.
+DATA_HELP = ("a text file, directory, glob, .jsonl, .parquet or hf:DATASET; PATH#FIELD picks the text field. "
+             "Each file of a directory or glob is one document, each .jsonl/.parquet/dataset record one; "
+             "a text file named alone is cut into documents of 1-2 KB at blank lines (at line ends where "
+             "there are none). Documents go to train/validation/test by a hash of their text")
+
+
+def _add_data_args(p, what: str, required: bool = True) -> None:
+    p.add_argument("--data", required=required, nargs="+", action="extend", default=[], metavar="NAME=PATH[:WEIGHT]",
+                   help=f"{what}: {DATA_HELP}")
+    p.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (default: the model's own)")
+    p.add_argument("--cache-dir", metavar="DIR", help="tokenized-shard cache (default $BAM_CACHE or "
+                                                     "~/.cache/bam/tokens)")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="documents held out for validation")
+    p.add_argument("--test-fraction", type=float, default=0.0, help="documents held out for test")
+
+
+def _register_train(subparsers) -> None:
+    from bam.train.loop import TRAIN_GROUPS  # noqa: PLC0415
+
+    p = subparsers.add_parser(
+        "train", help="train a model on a weighted mixture of domains (torchrun for DDP/FSDP2)",
+        description="Train MODEL with AdamW (warmup, then cosine). Run under `torchrun --nproc_per_node K` "
+                    "for data parallelism; --batch-size is the global batch either way.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model", metavar="MODEL", help="model directory (ours or a supported HF checkpoint)")
+    _add_data_args(p, "training domains, weight = mixture share")
+    p.add_argument("--out", required=True, metavar="OUT", help="run directory (metrics, checkpoints, model/)")
+    p.add_argument("--max-steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=16, help="global sequences per optimizer step")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (memory, not maths)")
+    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
+    p.add_argument("--warmup", type=int, default=100, help="linear warmup steps")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor as a fraction of --lr")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="not applied to norms, biases, routers")
+    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (0: none)")
+    p.add_argument("--save-every", type=int, default=500, help="checkpoint interval (the last step always saves)")
+    p.add_argument("--keep", type=int, default=2, help="checkpoints kept")
+    p.add_argument("--eval-every", type=int, default=500, help="validation interval (0: never)")
+    p.add_argument("--eval-tokens", type=int, default=65536, help="validation tokens per domain")
+    p.add_argument("--seed", type=int, default=0, help="data-order seed")
+    p.add_argument("--resume", action="store_true", help="continue from OUT's latest complete checkpoint")
+    p.add_argument("--aux-loss-coef", type=float, default=None,
+                   help="load-balancing loss coefficient; unset keeps the model config's")
+    p.add_argument("--z-loss-coef", type=float, default=None,
+                   help="router z-loss coefficient; unset keeps the model config's")
+    p.add_argument("--train-only", default="all", metavar="GROUPS",
+                   help=f"comma-separated groups ({', '.join(TRAIN_GROUPS)}) or name patterns")
+    p.add_argument("--dist", choices=("ddp", "fsdp"), default="ddp", help="data parallelism under torchrun")
+    p.add_argument("--max-bad-steps", type=int, default=5,
+                   help="stop after more than this many consecutive non-finite steps")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args) -> int:
+    from bam.train.loop import TrainConfig, train  # noqa: PLC0415
+
+    cfg = TrainConfig(
+        model=args.model, data=args.data, out=args.out, tokenizer=args.tokenizer, cache_dir=args.cache_dir,
+        val_fraction=args.val_fraction, test_fraction=args.test_fraction, max_steps=args.max_steps,
+        batch_size=args.batch_size, seq_len=args.seq_len, grad_accum=args.grad_accum, lr=args.lr,
+        warmup=args.warmup, min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay, clip=args.clip,
+        save_every=args.save_every, eval_every=args.eval_every, eval_tokens=args.eval_tokens, seed=args.seed,
+        resume=args.resume, keep=args.keep, aux_loss_coef=args.aux_loss_coef, z_loss_coef=args.z_loss_coef,
+        train_only=args.train_only, dist=args.dist, max_bad_steps=args.max_bad_steps,
+        progress=not args.no_progress,
+    )
+    final = train(cfg)
+    if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, one line from rank 0
+        print(f"bam train: wrote {final}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# bam eval
+
+
+def _register_eval(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="per-domain perplexity and bits per byte",
+                              description="Perplexity and bits per byte of MODEL on each domain's held-out split.")
+    p.add_argument("model", metavar="MODEL", help="model directory")
+    _add_data_args(p, "evaluation domains", required=False)
+    p.add_argument("--split", choices=("validation", "test", "all"), default="validation",
+                   help="held-out split, or all documents (for files held out by hand)")
+    p.add_argument("--seq-len", type=int, default=None, help="window length (default: min(context, 1024))")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=None, help="cap on scored tokens per domain")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    tasks = p.add_argument_group("downstream tasks through lm-evaluation-harness (pip install 'bam[eval]')")
+    tasks.add_argument("--tasks", metavar="T1,T2", help="lm-eval task names, e.g. hellaswag or a local YAML task")
+    tasks.add_argument("--include-path", metavar="DIR", help="directory of local lm-eval task YAML files")
+    tasks.add_argument("--limit", type=int, default=None, help="examples per task (for a quick look)")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args) -> int:
+    import torch  # noqa: PLC0415
+
+    from bam.formats.checkpoint import load_model  # noqa: PLC0415
+    from bam.data.shards import prepare_domain  # noqa: PLC0415
+    from bam.eval.perplexity import evaluate_domains, format_table, summary  # noqa: PLC0415
+    from bam.data.tokenizer import load_tokenizer  # noqa: PLC0415
+    from bam.train.loop import default_cache_dir  # noqa: PLC0415
+
+    if not args.data and not args.tasks:
+        raise BamError("give --data NAME=PATH ... (perplexity) and/or --tasks T1,T2 (lm-eval)")
+    if args.tasks:
+        from bam.eval.harness import format_results, run_lm_eval  # noqa: PLC0415
+
+        results = run_lm_eval(args.model, args.tasks.split(","), include_path=args.include_path,
+                              limit=args.limit, batch_size=args.batch_size)
+        print(json.dumps(results["results"], default=str) if args.json else format_results(results))
+        if not args.data:
+            return 0
+    model = load_model(args.model)
+    context = model.config.max_position_embeddings
+    if args.seq_len is not None and args.seq_len > context:  # refused before any tokenizing
+        raise BamError(f"--seq-len {args.seq_len} is beyond the model's context (max_position_embeddings={context})")
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    if len(tokenizer) > model.config.vocab_size:
+        # Token ids >= vocab_size would index past the embedding table.
+        raise BamError(f"tokenizer {args.tokenizer or args.model} has {len(tokenizer)} tokens, more than the "
+                       f"model's vocab_size={model.config.vocab_size}")
+    cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    domains = [prepare_domain(spec, tokenizer, cache, args.val_fraction, args.test_fraction) for spec in args.data]
+    names = [d.name for d in domains]
+    duplicate = next((n for n in names if names.count(n) > 1), None)
+    if duplicate:
+        raise BamError(f"--data: domain {duplicate!r} is given twice")
+    seq_len = args.seq_len or min(model.config.max_position_embeddings, 1024)
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    scores = evaluate_domains(model, domains, args.split, seq_len, args.batch_size, args.max_tokens)
+    if args.json:
+        result = {"model": str(args.model), "split": args.split, "seq_len": seq_len, **summary(scores)}
+        json.dump(result, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        print(f"{args.model} ({args.split} split, seq_len {seq_len})")
+        print(format_table(scores))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# bam tokenizer train
+
+
+def _register_tokenizer(subparsers) -> None:
+    p = subparsers.add_parser("tokenizer", help="tokenizer tools")
+    verbs = p.add_subparsers(dest="tokenizer_command", required=True, metavar="VERB")
+    t = verbs.add_parser("train", help="train a byte-level BPE tokenizer on domains' text")
+    t.add_argument("--data", required=True, nargs="+", action="extend", metavar="NAME=PATH",
+                   help="text to train on (same syntax as bam train; weights are ignored)")
+    t.add_argument("--vocab-size", required=True, type=int, help="vocabulary size (>= 257)")
+    t.add_argument("--out", required=True, metavar="DIR", help="tokenizer directory to write")
+    t.set_defaults(func=cmd_tokenizer_train)
+
+
+def cmd_tokenizer_train(args) -> int:
+    import itertools  # noqa: PLC0415
+
+    from bam.data.shards import Domain  # noqa: PLC0415
+    from bam.data.tokenizer import load_tokenizer, train_tokenizer  # noqa: PLC0415
+
+    domains = [Domain.from_spec(spec) for spec in args.data]  # bad paths fail before any training
+    train_tokenizer(itertools.chain.from_iterable(d.documents() for d in domains), args.vocab_size, Path(args.out))
+    print(f"bam tokenizer train: wrote {args.out} ({len(load_tokenizer(args.out))} tokens)")
+    return 0

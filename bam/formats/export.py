@@ -1,0 +1,432 @@
+"""Export: our models as standard Hugging Face MoE checkpoints, or as a self-contained directory.
+
+Formats (`bam export MODEL --format F --out DIR`):
+
+    mixtral    MixtralForCausalLM. Router `mlp.gate`, experts as 3-D `mlp.experts.gate_up_proj`
+               [E, 2F, D] (gate rows first) and `down_proj` [E, D, F]: our layout, so experts are
+               copied as they are. Mixtral always renormalizes the top-k gates.
+    qwen2_moe  Qwen2MoeForCausalLM with norm_topk_prob = our ffn_renormalize, so it expresses both
+               gate rules, and q/k/v biases. Its shared expert is always on, scaled by
+               sigmoid(shared_expert_gate . h): with a zero gate row that is exactly 0.5, so our
+               shared expert goes there with down_proj doubled (a power of two: exact in floating
+               point). Without one, we write a width-1 shared expert of zeros, which adds exactly 0.
+    olmoe      refused: OLMoE applies RMSNorm to every query and key (q_norm/k_norm, no switch).
+    llama      LlamaForCausalLM, for dense models (one FFN expert).
+    hf         our own model with its modeling code (`auto_map`), for every variant (BAM included):
+               loads with `trust_remote_code=True` in a Python without bam installed.
+
+The standard formats express our maths exactly only for a sequential block with RMSNorm and one
+attention per layer (BTX, sparse upcycling, Nexus, dense): `export_blockers` lists what stands in
+the way. A Nexus router's logits `h . e_i` depend on fixed tensors only once trained, so it is
+written as the linear router whose rows are the expert embeddings e_i, computed by our own
+`NexusRouter` in fp32. Every tensor of the model must have a counterpart in the target (a tensor we do
+not know how to express is refused, never dropped). The export is then written to a temporary
+directory, loaded back with vanilla transformers, and its logits compared with ours on random
+tokens in fp32; only then does the directory appear at `--out`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import importlib.util
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, PreTrainedConfig
+from transformers.utils import logging as hf_logging
+
+from bam.formats.checkpoint import (
+    WEIGHTS_NAME,
+    ModelSource,
+    StreamingSafetensorsWriter,
+    atomic_output_dir,
+    copy_tokenizer,
+    load_model,
+    open_model,
+)
+from bam.modeling.config import BamConfig
+from bam.errors import BamError
+from bam.mix.mixing import parameter_shapes
+
+STANDARD_FORMATS = ("mixtral", "qwen2_moe", "olmoe", "llama")
+FORMATS = STANDARD_FORMATS + ("hf",)
+
+# Parity: max |logit difference| allowed, relative to the largest logit (absolute below 1).
+PARITY_TOLERANCE = 1e-4
+PARITY_TOKENS = (2, 24)  # batch, sequence length of the random input
+
+
+def export(model_dir: str | Path, fmt: str, out: str | Path, overwrite: bool = False) -> Path:
+    """Write `model_dir` in format `fmt` to `out` (atomically); returns `out`. BamError says why not."""
+    if fmt not in FORMATS:
+        raise BamError(f"unknown export format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    source = open_model(model_dir)
+    out = Path(out)
+    if out.exists() and out.resolve() == Path(source.path).resolve():
+        raise BamError(f"{out}: output would replace the input model")
+    if fmt == "hf":
+        return export_remote_code(source, out, overwrite)
+    return export_standard(source, fmt, out, overwrite)
+
+
+# ---------------------------------------------------------------------------------------------
+# Which models a standard format expresses
+
+
+def export_blockers(config: BamConfig, fmt: str) -> list[tuple[str, str]]:
+    """Why `fmt` cannot express a model with this config, each reason with the format that can.
+
+    Empty when it can (the parity check still has the last word).
+    """
+    if fmt == "olmoe":
+        return [("OLMoE always applies RMSNorm to queries and keys (q_norm/k_norm), which bam's "
+                 "attention does not have", "qwen2_moe")]
+    reasons = []
+    if config.block != "sequential":
+        reasons.append((f"{fmt} has a sequential block and this model a parallel one "
+                        f"(attention and FFN read the same norm)", "hf"))
+    if config.norm != "rmsnorm":
+        reasons.append((f"{fmt} uses RMSNorm and this model {config.norm}", "hf"))
+    if config.n_attn_experts > 1:
+        kind = "shared K/V" if config.kv_shared else "KV experts"
+        reasons.append((f"this model has {config.n_attn_experts} attention experts (BAM, {kind}) and "
+                        f"{fmt} one attention per layer", "hf"))
+    if config.ffn_router not in ("linear", "nexus"):
+        reasons.append((f"ffn_router={config.ffn_router!r} and {fmt} has a linear router only", "hf"))
+    if config.ffn_shared_expert and fmt in ("mixtral", "llama"):
+        reasons.append((f"this model has an always-on shared expert and {fmt} has none", "qwen2_moe"))
+    if config.logit_scale != 1.0:
+        reasons.append((f"logit_scale={config.logit_scale} and {fmt} does not scale logits", "hf"))
+    if fmt == "mixtral":
+        if not config.ffn_renormalize and config.ffn_top_k < config.n_ffn_experts:
+            reasons.append((f"Mixtral renormalizes the top-k gates and this model does not "
+                            f"(top-{config.ffn_top_k}, gate = router probability)", "qwen2_moe"))
+        if config.qkv_bias:
+            reasons.append(("Mixtral has no q/k/v biases and this model does", "qwen2_moe"))
+    if fmt == "qwen2_moe" and config.head_dim * config.num_attention_heads != config.hidden_size:
+        reasons.append((f"Qwen2-MoE derives head_dim from hidden_size/num_attention_heads "
+                        f"({config.hidden_size // config.num_attention_heads}) and this model has "
+                        f"head_dim={config.head_dim}", "mixtral" if not config.qkv_bias else "hf"))
+    if fmt == "llama" and (config.n_ffn_experts > 1 or config.ffn_router != "linear"):
+        reasons.append((f"llama is dense and this model has {config.n_ffn_experts} FFN experts with a "
+                        f"{config.ffn_router} router", "mixtral" if config.ffn_renormalize else "qwen2_moe"))
+    return reasons
+
+
+def _refusal(source: ModelSource, fmt: str, blockers: list[tuple[str, str]]) -> BamError:
+    """One line: every reason, then one format that avoids them all (hf expresses everything)."""
+    alternatives = {alternative for _, alternative in blockers}
+    alternative = alternatives.pop() if len(alternatives) == 1 else "hf"
+    reasons = "; ".join(reason for reason, _ in blockers)
+    return BamError(f"{source.path}: cannot export to {fmt}: {reasons} (use --format {alternative})")
+
+
+# ---------------------------------------------------------------------------------------------
+# The target config and the tensor plan
+
+
+def target_config(config: BamConfig, fmt: str, dtype: torch.dtype) -> PreTrainedConfig:
+    """The transformers config of `fmt` whose model computes what ours computes."""
+    common = dict(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads,
+        max_position_embeddings=config.max_position_embeddings,
+        hidden_act="silu",
+        rms_norm_eps=config.norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+        tie_word_embeddings=config.tie_word_embeddings,
+        initializer_range=config.initializer_range,
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+        dtype=str(dtype).removeprefix("torch."),
+    )
+    moe = dict(num_experts_per_tok=config.ffn_top_k, router_aux_loss_coef=config.router_aux_loss_coef)
+    if fmt == "mixtral":
+        return transformers.MixtralConfig(
+            **common, **moe, head_dim=config.head_dim, intermediate_size=config.intermediate_size,
+            num_local_experts=config.n_ffn_experts, sliding_window=None,
+            architectures=["MixtralForCausalLM"],
+        )
+    if fmt == "qwen2_moe":
+        return transformers.Qwen2MoeConfig(
+            **common, **moe, intermediate_size=config.intermediate_size,
+            moe_intermediate_size=config.intermediate_size, num_experts=config.n_ffn_experts,
+            norm_topk_prob=config.ffn_renormalize, qkv_bias=config.qkv_bias,
+            shared_expert_intermediate_size=config.intermediate_size if config.ffn_shared_expert else 1,
+            decoder_sparse_step=1, mlp_only_layers=[],
+            use_sliding_window=False, architectures=["Qwen2MoeForCausalLM"],
+        )
+    if fmt == "llama":
+        return transformers.LlamaConfig(
+            **common, head_dim=config.head_dim, intermediate_size=config.intermediate_size,
+            attention_bias=config.qkv_bias, mlp_bias=False, architectures=["LlamaForCausalLM"],
+        )
+    raise ValueError(f"no target config for {fmt!r}")
+
+
+# A target tensor is made from some of our tensors (read lazily, in this order) by a function.
+Producer = tuple[tuple[str, ...], Callable[..., torch.Tensor]]
+
+
+def _same(name: str) -> Producer:
+    return (name,), lambda t: t
+
+
+def tensor_plan(config: BamConfig, fmt: str, dtype: torch.dtype) -> dict[str, Producer]:
+    """Target tensor name -> how to make it from ours (see the module docstring for the layouts)."""
+    d, f = config.hidden_size, config.intermediate_size
+
+    def zeros(*shape: int) -> Producer:
+        return (), lambda: torch.zeros(shape, dtype=dtype)
+
+    plan = {"model.embed_tokens.weight": _same("model.embed_tokens.weight")}
+    for i in range(config.num_hidden_layers):
+        ours = theirs = f"model.layers.{i}."
+        plan[theirs + "input_layernorm.weight"] = _same(ours + "input_norm.weight")
+        plan[theirs + "post_attention_layernorm.weight"] = _same(ours + "post_attention_norm.weight")
+        for proj in ("q", "k", "v"):
+            plan[theirs + f"self_attn.{proj}_proj.weight"] = _same(ours + f"attn.{proj}_proj.weight")
+            if config.qkv_bias:
+                plan[theirs + f"self_attn.{proj}_proj.bias"] = _same(ours + f"attn.{proj}_proj.bias")
+        plan[theirs + "self_attn.o_proj.weight"] = _same(ours + "attn.o_proj.weight")
+        gate_up, down = ours + "ffn.experts.gate_up_proj", ours + "ffn.experts.down_proj"
+        if fmt == "llama":
+            if config.qkv_bias:  # Llama's attention_bias also puts a bias on o_proj: make it zero
+                plan[theirs + "self_attn.o_proj.bias"] = zeros(d)
+            plan[theirs + "mlp.gate_proj.weight"] = (gate_up,), lambda t: t[0, :f]
+            plan[theirs + "mlp.up_proj.weight"] = (gate_up,), lambda t: t[0, f:]
+            plan[theirs + "mlp.down_proj.weight"] = (down,), lambda t: t[0]
+            continue
+        router = ours + "ffn.router."
+        if config.ffn_router == "nexus":
+            nexus = (router + "domain_embeddings", router + "gate_up_proj", router + "down_proj")
+            plan[theirs + "mlp.gate.weight"] = nexus, lambda *t: nexus_router_weight(config, *t)
+        elif config.n_ffn_experts > 1:
+            plan[theirs + "mlp.gate.weight"] = _same(router + "weight")
+        else:  # a dense model has no router: one expert with a zero gate row gets probability 1, as ours
+            plan[theirs + "mlp.gate.weight"] = zeros(1, d)
+        plan[theirs + "mlp.experts.gate_up_proj"] = _same(gate_up)
+        plan[theirs + "mlp.experts.down_proj"] = _same(down)
+        if fmt == "qwen2_moe":
+            plan.update(_qwen2_moe_shared_expert(config, ours + "ffn.shared_expert.", theirs + "mlp.", zeros))
+    plan["model.norm.weight"] = _same("model.norm.weight")
+    if not config.tie_word_embeddings:
+        plan["lm_head.weight"] = _same("lm_head.weight")
+    return plan
+
+
+def _qwen2_moe_shared_expert(config: BamConfig, ours: str, theirs: str, zeros) -> dict[str, Producer]:
+    """Qwen2-MoE adds sigmoid(g . h) * shared(h). With g = 0 the factor is exactly 0.5, so ours goes in
+    with down_proj doubled; without a shared expert, a width-1 one of zeros adds exactly 0."""
+    d, f = config.hidden_size, config.intermediate_size
+    plan = {theirs + "shared_expert_gate.weight": zeros(1, d)}
+    if not config.ffn_shared_expert:
+        plan[theirs + "shared_expert.gate_proj.weight"] = zeros(1, d)
+        plan[theirs + "shared_expert.up_proj.weight"] = zeros(1, d)
+        plan[theirs + "shared_expert.down_proj.weight"] = zeros(d, 1)
+        return plan
+    plan[theirs + "shared_expert.gate_proj.weight"] = (ours + "gate_up_proj",), lambda t: t[:f]
+    plan[theirs + "shared_expert.up_proj.weight"] = (ours + "gate_up_proj",), lambda t: t[f:]
+    plan[theirs + "shared_expert.down_proj.weight"] = (ours + "down_proj",), lambda t: t * 2
+    return plan
+
+
+def nexus_router_weight(config: BamConfig, domain_embeddings, gate_up_proj, down_proj) -> torch.Tensor:
+    """The [E, D] linear router equal to a trained Nexus router: its expert embeddings e_i."""
+    from bam.modeling.moe import NexusRouter  # noqa: PLC0415
+
+    with torch.device("meta"):
+        router = NexusRouter(config)
+    router.load_state_dict({"domain_embeddings": domain_embeddings, "gate_up_proj": gate_up_proj,
+                            "down_proj": down_proj}, assign=True)
+    with torch.no_grad():
+        return router.expert_embeddings()
+
+
+def _target_shapes(target: PreTrainedConfig) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes of the target model, built on the meta device (tied duplicates left out)."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(target)
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Standard formats
+
+
+def export_standard(source: ModelSource, fmt: str, out: Path, overwrite: bool = False) -> Path:
+    config = source.config
+    blockers = export_blockers(config, fmt)
+    if blockers:
+        raise _refusal(source, fmt, blockers)
+    dtype = _checkpoint_dtype(source)
+    plan = tensor_plan(config, fmt, dtype)
+    used = {name for inputs, _ in plan.values() for name in inputs}
+    _require_tensors(source, used)
+    unused = [name for name in source.tensor_names if name not in used]
+    if unused:
+        raise BamError(f"{source.path}: cannot export to {fmt}: tensor {unused[0]} has no counterpart in "
+                       f"{fmt} ({len(unused)} such tensors); use --format hf")
+    target = target_config(config, fmt, dtype)
+    shapes = _target_shapes(target)
+    if set(shapes) != set(plan):  # a bug in the plan, not a user error
+        raise RuntimeError(f"{fmt} plan and model disagree: {sorted(set(shapes) ^ set(plan))[:4]}")
+
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        target.save_pretrained(tmp)
+        _write_tensors(tmp, plan, shapes, source, dtype)
+        copy_tokenizer(source.tokenizer_dir, tmp)
+        check_parity(source.path, tmp, fmt)
+    return out
+
+
+def _require_tensors(source: ModelSource, names) -> None:
+    present = set(source.tensor_names)
+    missing = sorted(name for name in names if name not in present)
+    if missing:
+        raise BamError(f"{source.path}: tensor {missing[0]} missing ({len(missing)} missing in all)")
+
+
+def _write_tensors(directory: Path, plan: dict[str, Producer], shapes: dict[str, tuple[int, ...]],
+                   source: ModelSource, dtype: torch.dtype) -> None:
+    """Stream the planned tensors into one safetensors file: one output tensor in memory at a time."""
+    specs = {name: (dtype, shapes[name]) for name in plan}
+    with StreamingSafetensorsWriter(directory / WEIGHTS_NAME, specs) as writer:
+        for name, (inputs, make) in plan.items():
+            tensor = make(*(source.tensor(n) for n in inputs))
+            if tuple(tensor.shape) != shapes[name]:
+                raise BamError(f"{source.path}: tensor {', '.join(inputs)} has shape {tuple(tensor.shape)} "
+                               f"where {shapes[name]} was expected from config.json")
+            writer.write(name, tensor.to(dtype).contiguous())
+
+
+def _checkpoint_dtype(source: ModelSource) -> torch.dtype:
+    # A matmul weight rather than a norm, which some checkpoints keep in fp32 (as bam.mix.mixing does).
+    return source.tensor("model.layers.0.attn.q_proj.weight").dtype
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """No "Loading weights" progress bar from the internal load-back: it is not the user's load."""
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def check_parity(model_dir: Path, exported_dir: Path, fmt: str) -> float:
+    """Load both models in fp32, compare logits on random tokens; BamError if they differ.
+
+    Returns the max abs difference. The exported directory is loaded by transformers itself (no bam
+    code involved), so this checks the files a user gets, config.json included.
+    """
+    ours = load_model(model_dir, dtype=torch.float32)
+    with _quiet_transformers():
+        theirs, info = AutoModelForCausalLM.from_pretrained(exported_dir, dtype=torch.float32,
+                                                            output_loading_info=True)
+    problems = {key: info.get(key) for key in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    problems = {key: value for key, value in problems.items() if value}
+    if problems:
+        raise RuntimeError(f"{fmt} export loads with {problems}")  # a bug in the plan
+    theirs.eval()
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, ours.config.vocab_size, PARITY_TOKENS, generator=generator)
+    with torch.no_grad():
+        expected = ours(input_ids, use_cache=False).logits
+        actual = theirs(input_ids, use_cache=False).logits
+    diff = (actual - expected).abs().max().item()
+    tolerance = PARITY_TOLERANCE * max(1.0, expected.abs().max().item())
+    if not diff < tolerance:
+        raise BamError(f"{model_dir}: cannot export to {fmt}: the exported model's logits differ from "
+                       f"ours by {diff:.2e} (tolerance {tolerance:.1e}); nothing written")
+    return diff
+
+
+# ---------------------------------------------------------------------------------------------
+# --format hf: our weights and our modeling code, loadable with trust_remote_code=True
+
+# Our modules and the file each becomes in the exported directory; any other bam module a bundled
+# file imports becomes bam_<name>.py. transformers copies the auto_map files and their relative
+# imports into its module cache, so the directory needs nothing but torch and transformers.
+REMOTE_CODE_FILES = {"bam.modeling.config": "configuration_bam", "bam.modeling.model": "modeling_bam"}
+AUTO_MAP = {"AutoConfig": "configuration_bam.BamConfig", "AutoModelForCausalLM": "modeling_bam.BamForCausalLM"}
+
+_FROM_BAM = re.compile(r"^(?P<indent>[ \t]*)from bam\.(?P<module>[\w.]+) import ", re.MULTILINE)
+_OTHER_BAM_IMPORT = re.compile(r"^[ \t]*(import bam\b|from bam import )", re.MULTILINE)
+
+
+def _remote_file(module: str) -> str:
+    return REMOTE_CODE_FILES.get(module, "bam_" + module.removeprefix("bam.").replace(".", "_"))
+
+
+def _bam_version() -> str:
+    try:
+        return importlib.metadata.version("bam")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def remote_code_files() -> dict[str, str]:
+    """File name -> text of the remote code, generated from bam's own source at call time.
+
+    Each bundled module is our source file with `from bam.x import` rewritten to a relative import
+    of the file x becomes, so the remote code is the package's code and cannot drift from it.
+    """
+    files: dict[str, str] = {}
+    pending = list(REMOTE_CODE_FILES)
+    while pending:
+        module = pending.pop()
+        name = _remote_file(module) + ".py"
+        if name in files:
+            continue
+        path = Path(importlib.util.find_spec(module).origin)
+        text = path.read_text(encoding="utf-8")
+        other = _OTHER_BAM_IMPORT.search(text)
+        if other:
+            raise BamError(f"cannot bundle {path} as remote code: `{other.group(0).strip()}` "
+                           f"(only `from bam.<module> import ...` can be rewritten)")
+        pending += ["bam." + match["module"] for match in _FROM_BAM.finditer(text)]
+        text = _FROM_BAM.sub(lambda m: f"{m['indent']}from .{_remote_file('bam.' + m['module'])} import ", text)
+        header = (f"# Generated by `bam export --format hf` (bam {_bam_version()}) from "
+                  f"{module.replace('.', '/')}.py; do not edit: re-export instead.\n")
+        files[name] = header + text
+    return files
+
+
+def export_remote_code(source: ModelSource, out: Path, overwrite: bool = False) -> Path:
+    """Our config (+ auto_map), our weights in our layout, the remote code and the tokenizer.
+
+    No parity check here: the weights are ours unchanged and the code is our source, and running
+    the bundled files in-process would mean trusting remote code, which bam never does by itself
+    (tests/test_export.py loads the directory in a Python without bam and compares).
+    """
+    config = BamConfig.from_dict(source.config.to_dict())
+    dtype = _checkpoint_dtype(source)
+    config.dtype = dtype
+    config.architectures = ["BamForCausalLM"]
+    config.auto_map = dict(AUTO_MAP)
+    files = remote_code_files()
+    for name, text in files.items():  # never write a directory whose code does not even compile
+        compile(text, name, "exec")
+
+    shapes = parameter_shapes(config)
+    _require_tensors(source, shapes)
+
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        config.save_pretrained(tmp)
+        _write_tensors(tmp, {name: _same(name) for name in shapes}, shapes, source, dtype)
+        for name, text in files.items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        copy_tokenizer(source.tokenizer_dir, tmp)
+    return out

@@ -1,0 +1,157 @@
+"""The model configuration: one dataclass for the dense model and every MoE variant.
+
+A dense model is the one-expert case (`n_attn_experts = n_ffn_experts = 1`), so a dense seed, a BTX
+mixture and a BAM mixture share one class, one parameter layout and one checkpoint format. The
+config is a transformers `PreTrainedConfig` (itself a dataclass in transformers 5), so every model
+directory we write is an ordinary Hugging Face directory; it is validated on construction, and an
+out-of-range field raises `BamError` naming the field.
+"""
+
+from __future__ import annotations
+
+from transformers import PreTrainedConfig
+
+from bam.errors import BamError
+from bam.modeling.transformers_compat import CACHE_NAMES
+
+BLOCKS = ("parallel", "sequential")
+NORMS = ("rmsnorm", "layernorm")
+ATTN_ROUTINGS = ("soft", "topk")
+FFN_ROUTERS = ("linear", "nexus")
+EXPERT_DISPATCHES = ("grouped", "loop")
+
+
+class BamConfig(PreTrainedConfig):
+    """Fields are grouped as: shape of the dense transformer, attention experts, FFN experts, losses.
+
+    Parameter layout (what `mix` writes and `hf` import maps onto), per layer `i`:
+      attention projections are stacked expert-major: `q_proj` is [n_attn_experts*H*Dh, d];
+      `k_proj`/`v_proj` are [n_kv_experts*H_kv*Dh, d] where n_kv_experts is 1 with `kv_shared`;
+      `o_proj` is [d, n_attn_experts*H*Dh]; FFN experts are 3-D like transformers' Mixtral:
+      `gate_up_proj` [n_ffn_experts, 2*d_ff, d] (gate rows first) and `down_proj` [E, d, d_ff].
+    With `ffn_shared_expert`, the always-on expert is 2-D: `ffn.shared_expert.gate_up_proj`
+    [2*d_ff, d] and `ffn.shared_expert.down_proj` [d, d_ff]. The FFN router is `ffn.router.weight`
+    [E, d] (linear), or for Nexus `ffn.router.domain_embeddings` [E, m] (fixed, never trained),
+    `ffn.router.gate_up_proj` [2*h', m] and `ffn.router.down_proj` [d, h'] (bam/modeling/moe.py).
+    """
+
+    model_type = "bam"
+    keys_to_ignore_at_inference = list(CACHE_NAMES)
+
+    # The dense transformer (METHOD.md section 2).
+    vocab_size: int = 32000
+    hidden_size: int = 512
+    intermediate_size: int = 1376
+    num_hidden_layers: int = 8
+    num_attention_heads: int = 8
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    max_position_embeddings: int = 2048
+    block: str = "parallel"
+    norm: str = "rmsnorm"
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    qkv_bias: bool = False
+    logit_scale: float = 1.0
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+
+    # Attention experts (METHOD.md 3.2): soft routing by default, top-k only as an ablation.
+    n_attn_experts: int = 1
+    kv_shared: bool = False
+    attn_routing: str = "soft"
+    attn_top_k: int = 1
+
+    # FFN experts (METHOD.md 3.1): BAM's default is top-1 with the gate not renormalized.
+    # (Not `top_k`: transformers would read that as a sampling setting for generate().)
+    n_ffn_experts: int = 1
+    ffn_top_k: int = 1
+    ffn_renormalize: bool = False
+    ffn_router: str = "linear"
+    expert_dispatch: str = "grouped"
+    router_init_std: float = 0.02
+    # Nexus (METHOD.md 3.3): an always-on shared expert beside the routed ones (usable with either
+    # router), and the router that scores experts by projected domain embeddings: m = embed dim of
+    # the fixed domain embeddings, h' = hidden width of the SwiGLU projection m -> d.
+    ffn_shared_expert: bool = False
+    nexus_embed_dim: int | None = None
+    nexus_hidden_dim: int | None = None
+    # Bookkeeping, no effect on the function: the domain of each routed FFN expert (add-expert and
+    # routing reports name experts by it), and how the Nexus domain embeddings were computed
+    # (bam.mix.nexus.EmbeddingSource as a dict), so an expert added later is embedded the same way.
+    ffn_expert_domains: list[str] | None = None
+    nexus_embedding_source: dict | None = None
+
+    # Auxiliary losses on the FFN router, summed over layers and added to the LM loss.
+    router_aux_loss_coef: float = 0.01
+    router_z_loss_coef: float = 1e-3
+
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    def __post_init__(self, **kwargs):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None and self.num_attention_heads > 0:
+            if self.hidden_size % self.num_attention_heads:
+                raise BamError(f"config field num_attention_heads={self.num_attention_heads}: expected a divisor "
+                               f"of hidden_size={self.hidden_size} (or set head_dim explicitly)")
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        super().__post_init__(**kwargs)
+        self.validate()
+
+    @property
+    def n_kv_experts(self) -> int:
+        """How many K/V projections (and KV caches) each layer holds."""
+        return 1 if self.kv_shared else self.n_attn_experts
+
+    @property
+    def is_dense(self) -> bool:
+        """One attention, one FFN: the plain transformer (a shared expert or Nexus router is not)."""
+        return (self.n_attn_experts == 1 and self.n_ffn_experts == 1 and not self.ffn_shared_expert
+                and self.ffn_router == "linear")
+
+    def validate(self) -> None:
+        def need(ok: bool, field: str, expected: str) -> None:
+            if not ok:
+                raise BamError(f"config field {field}={getattr(self, field)!r}: expected {expected}")
+
+        for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                      "num_attention_heads", "num_key_value_heads", "head_dim",
+                      "max_position_embeddings", "n_attn_experts", "n_ffn_experts", "ffn_top_k",
+                      "attn_top_k"):
+            value = getattr(self, field)
+            need(isinstance(value, int) and value > 0, field, "a positive integer")
+        need(self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
+             f"a divisor of num_attention_heads={self.num_attention_heads}")
+        need(self.head_dim % 2 == 0, "head_dim", "an even number (RoPE rotates pairs)")
+        need(self.block in BLOCKS, "block", f"one of {BLOCKS}")
+        need(self.norm in NORMS, "norm", f"one of {NORMS}")
+        need(self.attn_routing in ATTN_ROUTINGS, "attn_routing", f"one of {ATTN_ROUTINGS}")
+        need(self.ffn_router in FFN_ROUTERS, "ffn_router", f"one of {FFN_ROUTERS}")
+        need(self.expert_dispatch in EXPERT_DISPATCHES, "expert_dispatch", f"one of {EXPERT_DISPATCHES}")
+        need(self.ffn_top_k <= self.n_ffn_experts, "ffn_top_k", f"at most n_ffn_experts={self.n_ffn_experts}")
+        need(self.attn_top_k <= self.n_attn_experts, "attn_top_k",
+             f"at most n_attn_experts={self.n_attn_experts}")
+        need(self.norm_eps > 0, "norm_eps", "a positive number")
+        need(self.rope_theta > 0, "rope_theta", "a positive number")
+        need(self.router_init_std >= 0, "router_init_std", "a non-negative number")
+        need(self.router_aux_loss_coef >= 0, "router_aux_loss_coef", "a non-negative number")
+        need(self.router_z_loss_coef >= 0, "router_z_loss_coef", "a non-negative number")
+        need(isinstance(self.ffn_shared_expert, bool), "ffn_shared_expert", "true or false")
+        for field in ("nexus_embed_dim", "nexus_hidden_dim"):
+            value = getattr(self, field)
+            if self.ffn_router == "nexus":
+                need(isinstance(value, int) and not isinstance(value, bool) and value > 0, field,
+                     "a positive integer (required by ffn_router='nexus')")
+            else:
+                need(value is None, field, "null unless ffn_router='nexus'")
+        domains = self.ffn_expert_domains
+        need(domains is None or (isinstance(domains, list) and len(domains) == self.n_ffn_experts
+                                 and all(isinstance(d, str) and d for d in domains)
+                                 and len(set(domains)) == len(domains)),
+             "ffn_expert_domains", f"null or {self.n_ffn_experts} distinct names, one per FFN expert")
+        need(self.nexus_embedding_source is None or isinstance(self.nexus_embedding_source, dict),
+             "nexus_embedding_source", "null or an object")

@@ -1,0 +1,183 @@
+"""What a model costs, from its config alone: parameters, FLOPs per token, KV-cache bytes (METHOD.md 5).
+
+Notation: d = hidden_size, L = layers, V = vocab, H / H_kv = query / key-value heads of one attention
+expert, Dh = head_dim, Na = attention experts, Nkv = K/V projections per layer (1 with kv_shared,
+else Na), E = routed FFN experts, k = ffn_top_k, d_ff = intermediate_size, m / h' = the Nexus
+domain-embedding and projection widths. q = H*Dh and kv = H_kv*Dh are
+one expert's query and key/value widths; with multi-head attention and Dh = d/H both equal d, which
+is how METHOD.md writes the formulas.
+
+Parameters
+- total: every stored parameter; a tied LM head is the embedding and is counted once.
+- active (per token): the parameters a token touches. Of the E FFN experts only the k it is routed
+  to count; every attention expert counts, because soft routing runs all of them (the top-k
+  attention ablation computes all of them too before zeroing gates). Embeddings, LM head, norms and
+  routers count, so a dense model's active == total (the convention behind Mixtral's "12.9B active").
+  An always-on shared expert is active for every token. A Nexus router counts its fixed domain
+  embeddings (E*m, stored but never trained) and its projection (2h'*m + d*h').
+
+FLOPs per token, inference, 2 per multiply-accumulate; per layer (METHOD.md section 5):
+    attention router     2 * Na * d                   only when Na > 1 (BTX has none)
+    Q, K, V projections  2 * d * (Na*q + 2*Nkv*kv)    = 6Nd^2 with KV experts, 2Nd^2 + 4d^2 shared
+    scores and mixing    2 * Na * n_ctx * q           METHOD's 2N*n_ctx*d: one count per query width
+    output projections   2 * Na * q * d               = 2Nd^2
+    FFN router           2 * E * d                    linear: only when E > 1 (METHOD writes 2Nd);
+                                                      nexus: the scores h . e_i, always
+    FFN                  2 * 3 * k * d * d_ff         SwiGLU: gate, up and down matrices
+    shared expert        2 * 3 * d * d_ff             only with ffn_shared_expert
+plus the LM head, 2 * d * V, once per token. The Nexus projection e_i = W2 SwiGLU(W1 d_i) does not
+depend on the token: it costs `nexus_projection_flops` per layer once per forward pass (and could
+be cached at inference), so it is not in the per-token count. Not counted (all O(d) per layer): norms, RoPE, softmax,
+gating products, biases, the embedding lookup. Training = 3x inference (forward + backward).
+
+KV-cache bytes per token: L * 2 (K and V) * Nkv * H_kv * Dh * dtype_bytes.
+"""
+
+from __future__ import annotations
+
+from bam.modeling.config import BamConfig
+
+TRAINING_FLOPS_FACTOR = 3  # backward costs about twice the forward
+
+
+def _query_width(config: BamConfig) -> int:
+    return config.num_attention_heads * config.head_dim
+
+
+def _kv_width(config: BamConfig) -> int:
+    return config.num_key_value_heads * config.head_dim
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters
+
+
+def layer_params(config: BamConfig, active: bool = False) -> dict[str, int]:
+    """Parameters of one layer by part; `active` counts only the top-k FFN experts."""
+    d, na, nkv = config.hidden_size, config.n_attn_experts, config.n_kv_experts
+    q, kv = _query_width(config), _kv_width(config)
+    attention = d * (na * q + 2 * nkv * kv) + na * q * d  # q, k, v, then o
+    if config.qkv_bias:
+        attention += na * q + 2 * nkv * kv
+    ffn_experts = config.ffn_top_k if active else config.n_ffn_experts
+    return {
+        "norms": d * (1 if config.block == "parallel" else 2),
+        "attention": attention,
+        "attn_router": na * d if na > 1 else 0,
+        "ffn_router": ffn_router_params(config),
+        "ffn": ffn_experts * 3 * d * config.intermediate_size,
+        "shared_expert": 3 * d * config.intermediate_size if config.ffn_shared_expert else 0,
+    }
+
+
+def ffn_router_params(config: BamConfig) -> int:
+    e, d = config.n_ffn_experts, config.hidden_size
+    if config.ffn_router == "nexus":
+        m, h = config.nexus_embed_dim, config.nexus_hidden_dim
+        return e * m + 2 * h * m + d * h  # domain embeddings, W1, W2
+    return e * d if e > 1 else 0
+
+
+def embedding_params(config: BamConfig) -> int:
+    """Embedding, LM head (unless tied to the embedding) and the final norm."""
+    tables = 1 if config.tie_word_embeddings else 2
+    return tables * config.vocab_size * config.hidden_size + config.hidden_size
+
+
+def params_total(config: BamConfig) -> int:
+    return embedding_params(config) + config.num_hidden_layers * sum(layer_params(config).values())
+
+
+def params_active(config: BamConfig) -> int:
+    return embedding_params(config) + config.num_hidden_layers * sum(layer_params(config, active=True).values())
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs and KV cache
+
+
+def layer_flops(config: BamConfig, n_ctx: int) -> dict[str, int]:
+    """Inference FLOPs of one layer for one token attending to n_ctx positions, by term."""
+    d, na, nkv = config.hidden_size, config.n_attn_experts, config.n_kv_experts
+    q, kv = _query_width(config), _kv_width(config)
+    e = config.n_ffn_experts
+    has_ffn_router = e > 1 or config.ffn_router == "nexus"
+    return {
+        "attn_router": 2 * na * d if na > 1 else 0,
+        "qkv_projections": 2 * d * (na * q + 2 * nkv * kv),
+        "attention_scores_and_mixing": 2 * na * n_ctx * q,
+        "output_projections": 2 * na * q * d,
+        "ffn_router": 2 * e * d if has_ffn_router else 0,
+        "ffn": 2 * 3 * config.ffn_top_k * d * config.intermediate_size,
+        "shared_expert": 2 * 3 * d * config.intermediate_size if config.ffn_shared_expert else 0,
+    }
+
+
+def nexus_projection_flops(config: BamConfig) -> int:
+    """FLOPs of one layer's e_i = W2 SwiGLU(W1 d_i) for all E experts: once per forward pass, not per token."""
+    if config.ffn_router != "nexus":
+        return 0
+    e, m, h = config.n_ffn_experts, config.nexus_embed_dim, config.nexus_hidden_dim
+    return 2 * e * m * 2 * h + 2 * e * h * config.hidden_size
+
+
+def flops_per_token(config: BamConfig, n_ctx: int, training: bool = False) -> int:
+    """All layers plus the LM head; training multiplies by 3."""
+    inference = config.num_hidden_layers * sum(layer_flops(config, n_ctx).values())
+    inference += 2 * config.hidden_size * config.vocab_size  # LM head
+    return inference * (TRAINING_FLOPS_FACTOR if training else 1)
+
+
+def kv_cache_bytes_per_token(config: BamConfig, dtype_bytes: int = 2) -> int:
+    return config.num_hidden_layers * 2 * config.n_kv_experts * _kv_width(config) * dtype_bytes
+
+
+# ---------------------------------------------------------------------------------------------
+# Summary for `bam inspect`
+
+
+def layout(config: BamConfig) -> str:
+    """A short name for the expert layout (the Nexus ones are `bam mix`'s method names)."""
+    attention = ("bam-shared" if config.kv_shared else "bam") if config.n_attn_experts > 1 else None
+    if config.ffn_router == "nexus":
+        return f"nexus-{attention}" if attention else "nexus"
+    name = attention or ("dense" if config.n_ffn_experts == 1 else "ffn-moe")
+    return f"{name}+shared-expert" if config.ffn_shared_expert else name
+
+
+def summarize(config: BamConfig, n_ctx: int = 256, dtype_bytes: int = 2) -> dict:
+    """Costs and the block/expert configuration, as plain JSON-able values."""
+    return {
+        "params_total": params_total(config),
+        "params_active": params_active(config),
+        "flops_per_token": flops_per_token(config, n_ctx),
+        "training_flops_per_token": flops_per_token(config, n_ctx, training=True),
+        "n_ctx": n_ctx,
+        "kv_cache_bytes_per_token": kv_cache_bytes_per_token(config, dtype_bytes),
+        "dtype_bytes": dtype_bytes,
+        "flops_per_layer": layer_flops(config, n_ctx),
+        "config": {
+            "layout": layout(config),
+            "block": config.block,
+            "norm": config.norm,
+            "num_hidden_layers": config.num_hidden_layers,
+            "hidden_size": config.hidden_size,
+            "intermediate_size": config.intermediate_size,
+            "vocab_size": config.vocab_size,
+            "num_attention_heads": config.num_attention_heads,
+            "num_key_value_heads": config.num_key_value_heads,
+            "head_dim": config.head_dim,
+            "tie_word_embeddings": config.tie_word_embeddings,
+            "n_attn_experts": config.n_attn_experts,
+            "kv_shared": bool(config.kv_shared and config.n_attn_experts > 1),
+            "n_kv_experts": config.n_kv_experts,
+            "attn_routing": config.attn_routing,
+            "n_ffn_experts": config.n_ffn_experts,
+            "ffn_top_k": config.ffn_top_k,
+            "ffn_renormalize": config.ffn_renormalize,
+            "ffn_router": config.ffn_router,
+            "ffn_shared_expert": config.ffn_shared_expert,
+            "ffn_expert_domains": config.ffn_expert_domains,
+            "nexus_projection_flops_per_layer": nexus_projection_flops(config),
+        },
+    }

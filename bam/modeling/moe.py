@@ -1,0 +1,268 @@
+"""FFN experts: the routers, dropless dispatch, the shared expert and the auxiliary losses.
+
+Two router kinds compute the logits over the E routed experts; top-k and gating are then the same:
+- linear (METHOD.md 3.1): `logits = W h`, W a learned [E, D] matrix.
+- nexus (METHOD.md 3.3): `logits = h . e_i` with expert embeddings `e_i = W2 SwiGLU(W1 d_i)`
+  projected from fixed per-domain embeddings d_i, so adding an expert later needs no new router
+  weights, only its domain embedding.
+An optional always-on shared expert (Nexus: the seed's FFN) is added to the routed output:
+`y = FFN_shared(h) + sum_k gate_k * FFN_{e_k}(h)`. The load-balancing and z losses see the routed
+experts only; the shared expert takes every token by construction.
+
+Shapes use suffixes: T tokens, D model width, F expert hidden width, E experts, K experts per token,
+M domain-embedding width, P the Nexus projection's hidden width (h').
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bam.modeling.config import BamConfig
+
+
+def load_balancing_loss(probs_TE: torch.Tensor, expert_index_TK: torch.Tensor,
+                        counts_E: torch.Tensor | None = None) -> torch.Tensor:
+    """Switch loss `N * sum_i f_i * P_i`.
+
+    f_i is the share of the T*K dispatched (token, slot) pairs that go to expert i, so the loss is
+    1.0 at perfect balance for every K (Mixtral counts per slot and gets K instead; normalising
+    keeps one coefficient meaningful across top-k settings). `counts_E`, the pairs per expert, can
+    be passed when the dispatch already counted them.
+    """
+    n_experts = probs_TE.shape[-1]
+    if counts_E is None:
+        counts_E = expert_counts(expert_index_TK, n_experts)
+    fraction_E = counts_E.to(probs_TE.dtype) / expert_index_TK.numel()
+    return n_experts * torch.sum(fraction_E * probs_TE.mean(dim=0))
+
+
+def expert_counts(expert_index_TK: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """How many (token, slot) pairs each expert receives, [E]."""
+    return torch.bincount(expert_index_TK.flatten(), minlength=n_experts)
+
+
+def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
+    """ST-MoE z-loss: mean over tokens of logsumexp(logits)^2, keeps router logits small."""
+    return torch.logsumexp(logits_TE, dim=-1).square().mean()
+
+
+@dataclass
+class Routing:
+    """What a router decided for one layer: enough to dispatch, compute losses and plot."""
+
+    logits_TE: torch.Tensor  # fp32
+    probs_TE: torch.Tensor  # fp32 softmax over all experts
+    expert_index_TK: torch.Tensor
+    gate_TK: torch.Tensor
+
+
+def route(logits_TE: torch.Tensor, top_k: int, renormalize: bool) -> Routing:
+    """`p = softmax(logits)`, top-k; gates are p of the selected experts, optionally renormalized.
+
+    Renormalizing the top-k probabilities equals a softmax over the top-k logits (Mixtral's rule);
+    with top-1 it makes the gate 1 and the router gets no gradient, hence BAM's unnormalized default.
+    """
+    probs_TE = logits_TE.softmax(dim=-1)
+    gate_TK, expert_index_TK = probs_TE.topk(top_k, dim=-1)
+    if renormalize:
+        gate_TK = gate_TK / gate_TK.sum(dim=-1, keepdim=True)
+    return Routing(logits_TE, probs_TE, expert_index_TK, gate_TK)
+
+
+class LinearRouter(nn.Module):
+    """`logits = W h` with a learned W [E, D]; computed in fp32 whatever the activation dtype."""
+
+    def __init__(self, config: BamConfig):
+        super().__init__()
+        self.top_k = config.ffn_top_k
+        self.renormalize = config.ffn_renormalize
+        self.weight = nn.Parameter(torch.empty(config.n_ffn_experts, config.hidden_size))
+
+    def forward(self, h_TD: torch.Tensor) -> Routing:
+        logits_TE = fp32_linear(h_TD, self.weight)
+        return route(logits_TE, self.top_k, self.renormalize)
+
+
+class NexusRouter(nn.Module):
+    """`logits_i = h . e_i`, `e_i = W2 SwiGLU(W1 d_i)` (METHOD.md 3.3); fp32 like the linear router.
+
+    `domain_embeddings` [E, M] holds one fixed vector per routed expert (bam.mix.nexus computes them).
+    It is a parameter, not a buffer, so that checkpoints, `load_model` and transformers'
+    `from_pretrained` store and restore it like every other tensor; it is created frozen and is
+    detached in forward, so it never receives a gradient even when a trainer unfreezes every
+    parameter (AdamW skips parameters without a gradient, weight decay included). The projection
+    (`gate_up_proj` = W1 [2P, M], gate rows first as in the experts; `down_proj` = W2 [D, P]) is
+    shared by all experts and trained: its size does not depend on E, and a new expert needs only
+    a new row of `domain_embeddings`.
+    """
+
+    def __init__(self, config: BamConfig):
+        super().__init__()
+        self.top_k = config.ffn_top_k
+        self.renormalize = config.ffn_renormalize
+        m, p, d = config.nexus_embed_dim, config.nexus_hidden_dim, config.hidden_size
+        self.domain_embeddings = nn.Parameter(torch.empty(config.n_ffn_experts, m), requires_grad=False)
+        self.gate_up_proj = nn.Parameter(torch.empty(2 * p, m))
+        self.down_proj = nn.Parameter(torch.empty(d, p))
+
+    def expert_embeddings(self) -> torch.Tensor:
+        """e_i for every expert, [E, D] in fp32: computed once per forward, for all tokens."""
+        gate_EP, up_EP = fp32_linear(self.domain_embeddings.detach(), self.gate_up_proj).chunk(2, dim=-1)
+        return fp32_linear(F.silu(gate_EP) * up_EP, self.down_proj)
+
+    def forward(self, h_TD: torch.Tensor) -> Routing:
+        logits_TE = fp32_linear(h_TD, self.expert_embeddings())
+        return route(logits_TE, self.top_k, self.renormalize)
+
+
+def fp32_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T in fp32 even under autocast: router logits, their softmax and the z-loss are
+    where bf16's 8-bit mantissa flips expert choices and overflows exp()."""
+    with torch.autocast(x.device.type, enabled=False):
+        return F.linear(x.float(), weight.float())
+
+
+def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """`down (silu(gate x) * up x)` with `gate_up` = [gate; up] stacked as [2F, D], down [D, F]."""
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, down)
+
+
+def _contiguous_grad(grad: torch.Tensor) -> torch.Tensor:
+    # grouped_mm's backward rejects stride-0 gradients (e.g. from `out.sum().backward()`).
+    return grad.contiguous()
+
+
+def grouped_matmul(x_TI: torch.Tensor, weight_EOI: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    """Rows of x are sorted by expert; row block e (ending at offsets_E[e]) is multiplied by weight[e]^T."""
+    if x_TI.requires_grad:
+        x_TI.register_hook(_contiguous_grad)
+    out_TO = F.grouped_mm(x_TI, weight_EOI.transpose(1, 2), offs=offsets_E)
+    if out_TO.requires_grad:
+        out_TO.register_hook(_contiguous_grad)
+    return out_TO
+
+
+def _grouped_mm_usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """grouped_mm needs 16-byte aligned strides and a dtype/device its kernels support."""
+    if not hasattr(F, "grouped_mm") or x.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    align = 16 // x.element_size()
+    return all(dim % align == 0 for w in weights for dim in w.shape[1:])
+
+
+class SwiGLUExperts(nn.Module):
+    """E SwiGLU FFNs stored as 3-D tensors (the layout of transformers' Mixtral, gate rows first)."""
+
+    def __init__(self, config: BamConfig, n_experts: int):
+        super().__init__()
+        d, f = config.hidden_size, config.intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * f, d))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, d, f))
+        self.dispatch = config.expert_dispatch
+
+    def dense(self, h_TD: torch.Tensor) -> torch.Tensor:
+        """Run every token through the only expert: the dense model's FFN."""
+        # squeeze(0) is a view, whose backward is free; indexing [0] would build a zero gradient
+        # of the whole [1, 2F, D] tensor and copy into it, one more pass over the weights.
+        return swiglu(h_TD, self.gate_up_proj.squeeze(0), self.down_proj.squeeze(0))
+
+    def forward(self, h_TD: torch.Tensor, expert_index_TK: torch.Tensor, gate_TK: torch.Tensor,
+                counts_E: torch.Tensor | None = None) -> torch.Tensor:
+        """Dropless: every (token, slot) pair is computed; output is sum_k gate_k * FFN_{e_k}(h).
+
+        `counts_E` (pairs per expert, `expert_counts`) is computed here unless the caller has it.
+        """
+        n_tokens, top_k = expert_index_TK.shape
+        n_experts = self.gate_up_proj.shape[0]
+        # Sort the T*K (token, slot) pairs by expert so each expert sees one contiguous block.
+        flat_expert_S = expert_index_TK.flatten()
+        order_S = torch.argsort(flat_expert_S, stable=True)
+        if counts_E is None:
+            counts_E = expert_counts(expert_index_TK, n_experts)
+        token_S = order_S // top_k
+        # index_select rather than h_TD[token_S]: its backward is an index_add_, cheaper than
+        # advanced indexing's index_put_(accumulate=True).
+        x_SD = h_TD.index_select(0, token_S)
+
+        if self.dispatch == "grouped" and _grouped_mm_usable(x_SD, self.gate_up_proj, self.down_proj):
+            offsets_E = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
+            gate_SF, up_SF = grouped_matmul(x_SD, self.gate_up_proj, offsets_E).chunk(2, dim=-1)
+            y_SD = grouped_matmul(F.silu(gate_SF) * up_SF, self.down_proj, offsets_E)
+        else:
+            # Exact fallback: one plain matmul per expert that received tokens. The weights are
+            # unbound once, whose backward stacks the experts' gradients; indexing them per expert
+            # would build a zero gradient of all E experts for each one (E^2 memory traffic).
+            gate_up_E, down_E = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
+            blocks = [swiglu(x_block, gate_up_E[expert], down_E[expert])
+                      for expert, x_block in enumerate(torch.split(x_SD, counts_E.tolist())) if x_block.shape[0]]
+            y_SD = torch.cat(blocks) if blocks else x_SD.new_zeros(0, x_SD.shape[1])
+
+        # Weight each pair by its gate while still in sorted order and add the K slots of every
+        # token with one scatter: no unsort copy and no batched matmul, and the backward is a
+        # gather (index_select) of the output gradient.
+        gate_S = gate_TK.flatten().index_select(0, order_S).to(y_SD.dtype)
+        return y_SD.new_zeros(n_tokens, y_SD.shape[1]).index_add_(0, token_S, y_SD * gate_S[:, None])
+
+
+class SwiGLU(nn.Module):
+    """One SwiGLU FFN with 2-D weights: the always-on shared expert (Nexus: the seed's FFN)."""
+
+    def __init__(self, config: BamConfig):
+        super().__init__()
+        d, f = config.hidden_size, config.intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(2 * f, d))
+        self.down_proj = nn.Parameter(torch.empty(d, f))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return swiglu(h, self.gate_up_proj, self.down_proj)
+
+
+@dataclass
+class FFNOutput:
+    y_TD: torch.Tensor
+    load_balancing_loss: torch.Tensor | None = None
+    z_loss: torch.Tensor | None = None
+    routing: Routing | None = None
+
+
+class MoEFFN(nn.Module):
+    """The FFN of a block: one SwiGLU when dense, else a routed mixture of SwiGLU experts,
+    plus the always-on shared expert when the config has one.
+
+    A linear router exists only with more than one expert (one expert takes every token with gate
+    1); a Nexus router always exists, so its projection survives to the experts added later.
+    """
+
+    def __init__(self, config: BamConfig):
+        super().__init__()
+        self.n_experts = config.n_ffn_experts
+        if config.ffn_router == "nexus":
+            self.router = NexusRouter(config)
+        else:
+            self.router = LinearRouter(config) if self.n_experts > 1 else None
+        self.experts = SwiGLUExperts(config, self.n_experts)
+        self.shared_expert = SwiGLU(config) if config.ffn_shared_expert else None
+
+    def forward(self, h_BTD: torch.Tensor, aux_losses: bool = True) -> FFNOutput:
+        """`aux_losses=False` skips the load-balancing and z losses (left None): inference has no
+        use for them, and in decoding, where a step is a few tokens, their ~20 small ops per layer
+        are a measurable share of the step."""
+        if self.router is None:
+            out = FFNOutput(self.experts.dense(h_BTD))
+        else:
+            h_TD = h_BTD.reshape(-1, h_BTD.shape[-1])
+            routing = self.router(h_TD)
+            counts_E = expert_counts(routing.expert_index_TK, self.n_experts)  # once, for dispatch and loss
+            y_TD = self.experts(h_TD, routing.expert_index_TK, routing.gate_TK, counts_E)
+            out = FFNOutput(y_TD.view_as(h_BTD), routing=routing)
+            if aux_losses:
+                out.load_balancing_loss = load_balancing_loss(routing.probs_TE, routing.expert_index_TK, counts_E)
+                out.z_loss = router_z_loss(routing.logits_TE)
+        if self.shared_expert is not None:  # always on, ungated: y = FFN_shared(h) + routed
+            out.y_TD = out.y_TD + self.shared_expert(h_BTD)
+        return out
