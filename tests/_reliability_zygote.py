@@ -23,7 +23,7 @@ import traceback
 # plots use matplotlib's Agg backend; the zygote is started with MPLBACKEND=Agg).
 import matplotlib.pyplot  # noqa: F401
 
-import bam.formats.checkpoint
+import bam.formats.model_dir
 import bam.cli
 import bam.mix.mixing
 import bam.study.study

@@ -7,7 +7,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from bam.modeling import cost
-from bam.formats.checkpoint import save_model
+from bam.formats.model_dir import save_model
 from bam.cli import main
 from bam.mix.mixing import mixed_config
 from bam.modeling.model import BamForCausalLM

@@ -515,7 +515,7 @@ def test_truncation_on_the_callers_tokenizer_does_not_cut_documents(tokenizer, t
 
 
 def test_atomic_cache_entry(tmp_path):
-    from bam.formats.checkpoint import atomic_output_dir
+    from bam.io.atomic import atomic_output_dir
 
     final = tmp_path / "entry"
     with atomic_output_dir(final, keep_existing=True) as tmp:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from _train_assets import build_assets, read_metrics, run_bam, tensors, torchrun, train_losses
 
-from bam.formats.checkpoint import load_model
+from bam.formats.model_dir import load_model
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from _train_assets import VOCAB, build_assets, run_bam
 
-from bam.formats.checkpoint import load_model, save_model
+from bam.formats.model_dir import load_model, save_model
 from bam.cli import main
 from bam.data.shards import prepare_domain
 from bam.eval.perplexity import evaluate_domain, evaluate_domains, summary

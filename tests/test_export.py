@@ -19,7 +19,7 @@ import torch
 import transformers
 
 import bam  # registers the Auto classes
-from bam.formats.checkpoint import load_model, save_model
+from bam.formats.model_dir import load_model, save_model
 from bam.cli import main
 from bam.modeling.config import BamConfig
 from bam.modeling.model import BamForCausalLM

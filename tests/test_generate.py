@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bam.formats.checkpoint import load_model, save_model
+from bam.formats.model_dir import load_model, save_model
 from bam.cli import main
 from bam.modeling.config import BamConfig
 from bam.modeling.model import BamForCausalLM

@@ -5,7 +5,7 @@ import torch
 import transformers
 
 import bam  # noqa: F401  (registers the Auto classes)
-from bam.formats.checkpoint import load_model
+from bam.formats.model_dir import load_model
 from bam.errors import BamError
 
 SHAPE = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3,

@@ -16,7 +16,7 @@ import torch
 
 import lm_eval  # noqa: E402,F401  (a test dependency: pip install -e ".[test]")
 
-from bam.formats.checkpoint import load_model, save_model  # noqa: E402
+from bam.formats.model_dir import load_model, save_model  # noqa: E402
 from bam.cli import main  # noqa: E402
 from bam.modeling.config import BamConfig  # noqa: E402
 from bam.eval.harness import run_lm_eval  # noqa: E402

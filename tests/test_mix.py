@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from bam.formats.checkpoint import load_model, open_model, save_model
+from bam.formats.model_dir import load_model, open_model, save_model
 from bam.cli import main
 from bam.mix.mixing import mixed_config, new_router, parameter_shapes
 from bam.mix.nexus import DomainEmbeddings
@@ -474,7 +474,7 @@ def test_hf_expert_with_a_wrong_ffn_piece_is_refused(tmp_path, capsys):
 
 STREAMING_SCRIPT = textwrap.dedent("""
     import json, sys, threading, time
-    from bam.formats.checkpoint import open_model
+    from bam.formats.model_dir import open_model
     from bam.mix.mixing import mix
 
     def anon_kb():

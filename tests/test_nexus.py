@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from torch.utils.flop_counter import FlopCounterMode
 
 from bam.modeling import cost
-from bam.formats.checkpoint import load_model, open_model, save_model
+from bam.formats.model_dir import load_model, open_model, save_model
 from bam.cli import main
 from bam.errors import BamError
 from bam.mix.mixing import add_expert, mix, new_router

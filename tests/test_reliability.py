@@ -38,15 +38,9 @@ import torch
 from _train_assets import Assets, build_assets, read_metrics, tensors, train_losses
 
 import bam.train.loop as train_module
-from bam.formats.checkpoint import (
-    MANIFEST_NAME,
-    atomic_output_dir,
-    load_model,
-    open_model,
-    read_manifest,
-    save_model,
-    verify_manifest,
-)
+from bam.formats.model_dir import load_model, open_model, save_model
+from bam.io.atomic import atomic_output_dir
+from bam.io.manifest import MANIFEST_NAME, read_manifest, verify_manifest
 from bam.cli import main
 from bam.modeling.config import BamConfig
 from bam.errors import BamError
@@ -167,12 +161,12 @@ def test_a_flipped_weight_byte_is_detected_at_load_naming_the_file(tmp_path, cap
 
 
 def test_verification_is_lazy_and_once_per_file(tmp_path, monkeypatch):
-    from bam.formats import checkpoint
+    from bam.io import manifest
 
     dense = tiny_dense(tmp_path / "dense")
     calls = []
-    real = checkpoint.sha256_file
-    monkeypatch.setattr(checkpoint, "sha256_file", lambda path: calls.append(Path(path).name) or real(path))
+    real = manifest.sha256_file
+    monkeypatch.setattr(manifest, "sha256_file", lambda path: calls.append(Path(path).name) or real(path))
     source = open_model(dense)
     assert source.config.hidden_size == 64 and len(source.tensor_names) > 5
     assert calls == ["config.json"]  # small, checked at once
@@ -182,17 +176,17 @@ def test_verification_is_lazy_and_once_per_file(tmp_path, monkeypatch):
 
 
 def test_the_manifest_takes_the_writers_digest_unless_the_file_changed_after(tmp_path, monkeypatch):
-    from bam.formats import checkpoint
+    from bam.io import manifest, tensor_files
 
     calls = []
-    real = checkpoint.sha256_file
-    monkeypatch.setattr(checkpoint, "sha256_file", lambda path: calls.append(Path(path).name) or real(path))
+    real = manifest.sha256_file
+    monkeypatch.setattr(manifest, "sha256_file", lambda path: calls.append(Path(path).name) or real(path))
     a, b = torch.randn(3, 4), torch.randn(2, 4)
     specs = {"x": (torch.float32, (5, 4)), "y": (torch.float32, (4,))}
 
     def write(out: Path, change_after_close: bool = False) -> Path:
         with atomic_output_dir(out, manifest=True) as tmp:
-            with checkpoint.StreamingSafetensorsWriter(tmp / "w.safetensors", specs) as writer:
+            with tensor_files.StreamingSafetensorsWriter(tmp / "w.safetensors", specs) as writer:
                 writer.write("x", iter([a, b]))  # row blocks: x is their concatenation
                 writer.write("y", torch.arange(4.0))
             if change_after_close:

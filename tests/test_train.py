@@ -15,7 +15,7 @@ import torch
 from _train_assets import VOCAB, bam_cmd, build_assets, read_metrics, run_bam, tensors, train_losses
 
 import bam.train.loop as train_module
-from bam.formats.checkpoint import load_model, save_model
+from bam.formats.model_dir import load_model, save_model
 from bam.cli import main
 from bam.modeling.config import BamConfig
 from bam.errors import BamError

@@ -70,6 +70,3 @@ def _one_line(message: str) -> str:
     # A message built from another library's error can carry newlines; the user gets one line.
     return " ".join(message.splitlines())
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from bam.modeling import cost
-from bam.formats.checkpoint import open_model
+from bam.formats.model_dir import open_model
 from bam.errors import BamError
 from bam.mix.mixing import METHODS, NEXUS_METHODS, PROVENANCE_NAME, mix, source_dtype
 

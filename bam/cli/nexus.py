@@ -156,7 +156,8 @@ def new_domain_embedding(args, config, specs: dict[str, str]):
 
 
 def cmd_add_expert(args) -> int:
-    from bam.formats.checkpoint import atomic_output_dir, open_model  # noqa: PLC0415
+    from bam.formats.model_dir import open_model  # noqa: PLC0415
+    from bam.io.atomic import atomic_output_dir  # noqa: PLC0415
     from bam.data.shards import parse_domain_spec  # noqa: PLC0415
     from bam.mix.mixing import PROVENANCE_NAME, add_expert  # noqa: PLC0415
     from bam.mix.nexus import finetune_after_adding, finetune_weights  # noqa: PLC0415
@@ -238,7 +239,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 def cmd_mix_nexus(args) -> int:
     from bam.modeling import cost  # noqa: PLC0415
-    from bam.formats.checkpoint import open_model  # noqa: PLC0415
+    from bam.formats.model_dir import open_model  # noqa: PLC0415
     from bam.cli.mix import _count  # noqa: PLC0415
     from bam.mix.mixing import PROVENANCE_NAME, mix  # noqa: PLC0415
     from bam.mix.nexus import DomainEmbeddings  # noqa: PLC0415

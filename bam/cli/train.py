@@ -51,7 +51,7 @@ def _register_init(subparsers) -> None:
 def cmd_init(args) -> int:
     import torch  # noqa: PLC0415
 
-    from bam.formats.checkpoint import save_model  # noqa: PLC0415
+    from bam.formats.model_dir import save_model  # noqa: PLC0415
     from bam.modeling.model import BamForCausalLM  # noqa: PLC0415
     from bam.modeling.presets import build_config, config_file_fields, preset_fields  # noqa: PLC0415
     from bam.data.tokenizer import load_tokenizer  # noqa: PLC0415
@@ -104,16 +104,9 @@ def branch(seed: str | Path, experts: list[str], out: str | Path) -> Path:
     format and that is copied, so every expert loads the same way. Each expert directory gets its
     own manifest.
     """
-    from bam.formats.checkpoint import (  # noqa: PLC0415
-        MANIFEST_NAME,
-        atomic_output_dir,
-        load_model,
-        open_model,
-        save_model,
-        sha256_file,
-        verify_manifest,
-        write_manifest,
-    )
+    from bam.formats.model_dir import load_model, open_model, save_model
+    from bam.io.atomic import atomic_output_dir
+    from bam.io.manifest import MANIFEST_NAME, sha256_file, verify_manifest, write_manifest
 
     seed = Path(seed)
     source = open_model(seed)
@@ -143,7 +136,7 @@ def branch(seed: str | Path, experts: list[str], out: str | Path) -> Path:
 
 
 def _weight_files(directory: Path) -> list[Path]:
-    from bam.formats.checkpoint import SafetensorsFiles  # noqa: PLC0415
+    from bam.io.tensor_files import SafetensorsFiles  # noqa: PLC0415
 
     return sorted(set(SafetensorsFiles(directory).file_of.values()))
 
@@ -260,7 +253,7 @@ def _register_eval(subparsers) -> None:
 def cmd_eval(args) -> int:
     import torch  # noqa: PLC0415
 
-    from bam.formats.checkpoint import load_model  # noqa: PLC0415
+    from bam.formats.model_dir import load_model  # noqa: PLC0415
     from bam.data.shards import prepare_domain  # noqa: PLC0415
     from bam.eval.perplexity import evaluate_domains, format_table, summary  # noqa: PLC0415
     from bam.data.tokenizer import load_tokenizer  # noqa: PLC0415

@@ -28,7 +28,6 @@ import importlib.metadata
 import platform
 import sys
 import sysconfig
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 

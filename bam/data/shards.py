@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from bam.formats.checkpoint import atomic_output_dir
+from bam.io.atomic import atomic_output_dir
 from bam.errors import BamError
 
 SPLITS = ("train", "validation", "test")

@@ -15,7 +15,7 @@ import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from bam.formats.checkpoint import atomic_output_dir
+from bam.io.atomic import atomic_output_dir
 from bam.errors import BamError
 
 ENDOFTEXT = "<|endoftext|>"

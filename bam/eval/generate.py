@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import TextStreamer
 
-from bam.formats.checkpoint import load_model, open_model
+from bam.formats.model_dir import load_model, open_model
 from bam.errors import BamError
 from bam.data.tokenizer import load_tokenizer
 

@@ -39,15 +39,10 @@ import transformers
 from transformers import AutoModelForCausalLM, PreTrainedConfig
 from transformers.utils import logging as hf_logging
 
-from bam.formats.checkpoint import (
-    WEIGHTS_NAME,
-    ModelSource,
-    StreamingSafetensorsWriter,
-    atomic_output_dir,
-    copy_tokenizer,
-    load_model,
-    open_model,
-)
+from bam.formats.model_dir import copy_tokenizer, load_model, open_model
+from bam.formats.source import ModelSource
+from bam.io.atomic import atomic_output_dir
+from bam.io.tensor_files import StreamingSafetensorsWriter, WEIGHTS_NAME
 from bam.modeling.config import BamConfig
 from bam.errors import BamError
 from bam.mix.mixing import parameter_shapes

@@ -18,7 +18,9 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, PreTrainedConfig
 
-from bam.formats.checkpoint import ModelSource, SafetensorsFiles, config_from_dict
+from bam.formats.source import ModelSource
+from bam.io.tensor_files import SafetensorsFiles
+from bam.modeling.config import config_from_dict
 from bam.errors import BamError
 
 SEQUENTIAL_FAMILIES = ("llama", "mistral", "qwen2")

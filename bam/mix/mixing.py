@@ -46,17 +46,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from bam.formats.checkpoint import (
-    WEIGHTS_NAME,
-    ModelSource,
-    SafetensorsFiles,
-    StreamingSafetensorsWriter,
-    atomic_output_dir,
-    config_from_dict,
-    copy_tokenizer,
-    is_row_block,
-    open_model,
-)
+from bam.formats.model_dir import copy_tokenizer, open_model
+from bam.formats.source import ModelSource
+from bam.io.atomic import atomic_output_dir
+from bam.io.tensor_files import SafetensorsFiles, StreamingSafetensorsWriter, WEIGHTS_NAME, is_row_block
+from bam.modeling.config import config_from_dict
 from bam.modeling.config import BamConfig
 from bam.errors import BamError
 from bam.mix.nexus import DomainEmbeddings

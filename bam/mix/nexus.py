@@ -193,7 +193,7 @@ def domain_embedding(model, domain: TokenizedDomain, max_tokens: int = 65536, se
     """`hidden-mean`: the mean final hidden state of `model` over the first `max_tokens` tokens of
     `domain`'s `split`, rescaled to RMS 1 -> fp32 [hidden_size].
 
-    `model` is a BamForCausalLM (bam.formats.checkpoint.load_model); windows are bam.data.shards's evaluation
+    `model` is a BamForCausalLM (bam.formats.model_dir.load_model); windows are bam.data.shards's evaluation
     windows, so every sampled token is seen once, with the context of its window.
     """
     from bam.eval.perplexity import autocast_for  # noqa: PLC0415  (evaluate imports data; keep this module light)
@@ -313,7 +313,7 @@ def embed_domains(data: Sequence[str | DomainSpec | Domain | TokenizedDomain], s
                                                                source.seq_len, batch_size)
         return DomainEmbeddings(vectors, source.as_dict())
 
-    from bam.formats.checkpoint import load_model  # noqa: PLC0415
+    from bam.formats.model_dir import load_model  # noqa: PLC0415
     from bam.data.shards import prepare_domain  # noqa: PLC0415
 
     if model is None:

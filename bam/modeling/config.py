@@ -9,9 +9,11 @@ out-of-range field raises `BamError` naming the field.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from transformers import PreTrainedConfig
 
-from bam.errors import BamError
+from bam.errors import BamError, first_line
 from bam.modeling.transformers_compat import CACHE_NAMES
 
 BLOCKS = ("parallel", "sequential")
@@ -155,3 +157,13 @@ class BamConfig(PreTrainedConfig):
              "ffn_expert_domains", f"null or {self.n_ffn_experts} distinct names, one per FFN expert")
         need(self.nexus_embedding_source is None or isinstance(self.nexus_embedding_source, dict),
              "nexus_embedding_source", "null or an object")
+
+
+def config_from_dict(config_dict: dict, where: Path | str) -> BamConfig:
+    """A validated BamConfig from a config file's fields; BamError names `where` and the field."""
+    try:
+        return BamConfig.from_dict(dict(config_dict))
+    except BamError as err:
+        raise BamError(f"{where}: {err}") from None
+    except (TypeError, ValueError) as err:
+        raise BamError(f"{where}: invalid config ({first_line(err)})") from None

@@ -18,7 +18,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from bam.formats.checkpoint import config_from_dict
+from bam.modeling.config import config_from_dict
 from bam.modeling.config import BamConfig
 from bam.errors import BamError
 

@@ -33,7 +33,8 @@ import torch
 import transformers
 import yaml
 
-from bam.formats.checkpoint import atomic_output_dir, load_model, open_model, save_model
+from bam.formats.model_dir import load_model, open_model, save_model
+from bam.io.atomic import atomic_output_dir
 from bam.data.corpus import (
     DOMAINS,
     REFERENCE_MAX_CHARS,

@@ -43,15 +43,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from bam.formats.checkpoint import (
-    WEIGHTS_INDEX_NAME,
-    atomic_output_dir,
-    load_model,
-    open_model,
-    save_model,
-    sha256_file,
-    verify_manifest,
-)
+from bam.formats.model_dir import load_model, open_model, save_model
+from bam.io.atomic import atomic_output_dir
+from bam.io.manifest import sha256_file, verify_manifest
+from bam.io.tensor_files import WEIGHTS_INDEX_NAME
 from bam.data.shards import (
     Domain,
     DomainSpec,
@@ -74,7 +69,7 @@ CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 RUN_FILE = "run.json"
 FINAL_MODEL = "model"
-CHECKPOINT_MODEL = "model"  # inside a checkpoint: an ordinary model directory (bam.formats.checkpoint)
+CHECKPOINT_MODEL = "model"  # inside a checkpoint: an ordinary model directory (bam.formats.model_dir)
 TRAINER_STATE = "trainer.json"  # written last inside a checkpoint; its presence marks it complete
 OPTIMIZER_TENSORS = "optimizer.safetensors"
 RNG_TENSORS = "rng.safetensors"
@@ -449,7 +444,7 @@ def gathered_model(model):
     """The model with full weights, on rank 0 (None elsewhere); a collective under FSDP.
 
     Unsharded models are returned as they are; an FSDP2 model's shards are gathered into a plain
-    CPU copy, so whatever writes it (bam.formats.checkpoint.save_model) sees an ordinary model.
+    CPU copy, so whatever writes it (bam.formats.model_dir.save_model) sees an ordinary model.
     """
     if not is_sharded(model):
         return model if not dist.is_initialized() or dist.get_rank() == 0 else None

@@ -1,0 +1,7 @@
+"""`python -m bam.cli ...`: the `bam` command without its console script."""
+
+import sys
+
+from bam.cli import main
+
+sys.exit(main())

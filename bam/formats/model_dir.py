@@ -1,0 +1,103 @@
+"""Model directories: open any supported one as a stream of tensors, load it, save one atomically.
+
+A model directory is an ordinary Hugging Face one: config.json, model.safetensors (or shards with
+model.safetensors.index.json), tokenizer files, and, when we wrote it, manifest.json. Opening
+reads config.json (verified at once) and the weights' headers; each weight file is verified when
+its first tensor is read (bam.io.tensor_files). Directories without a manifest (Hugging Face
+checkpoints from elsewhere) load unverified.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from bam.errors import BamError
+from bam.formats.source import TOKENIZER_FILES, ModelSource
+from bam.io.atomic import atomic_output_dir
+from bam.io.jsonfile import read_json
+from bam.io.manifest import read_manifest, verify_file
+from bam.io.tensor_files import WEIGHTS_NAME, SafetensorsFiles, StreamingSafetensorsWriter
+from bam.modeling.config import BamConfig, config_from_dict
+
+
+def read_config_dict(path: Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise BamError(f"{path}: no such file or directory")
+    if not path.is_dir():
+        raise BamError(f"{path}: expected a model directory (config.json + safetensors weights)")
+    if not (path / "config.json").exists():
+        raise BamError(f"{path}: not a model directory (no config.json)")
+    manifest = read_manifest(path)
+    if manifest is not None and "config.json" in manifest:  # small: checked at once, not lazily
+        verify_file(path / "config.json", manifest["config.json"])
+    return read_json(path / "config.json")
+
+
+def open_model(path: str | Path) -> ModelSource:
+    """Open one of our checkpoints or a supported Hugging Face dense checkpoint (see bam/formats/hf.py).
+
+    Reads config.json and the weights' headers only; each weight file is verified against the
+    directory's manifest (if any) when its first tensor is read.
+    """
+    path = Path(path)
+    config_dict = read_config_dict(path)
+    model_type = config_dict.get("model_type")
+    tokenizer_dir = path if any((path / f).exists() for f in TOKENIZER_FILES) else None
+    if model_type != BamConfig.model_type:
+        from bam.formats.hf import open_hf_model  # noqa: PLC0415  (hf imports need transformers' configs)
+
+        return open_hf_model(path, config_dict, tokenizer_dir)
+    config = config_from_dict(config_dict, path / "config.json")
+    files = SafetensorsFiles(path)
+    return ModelSource(path, "bam", config, files.names(), files.get, tokenizer_dir)
+
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
+    """Build a BamForCausalLM from any checkpoint `open_model` accepts, checking every tensor's shape."""
+    from bam.modeling.model import BamForCausalLM  # noqa: PLC0415
+
+    source = open_model(path)
+    with torch.device("meta"):
+        model = BamForCausalLM(source.config)
+    expected = dict(model.named_parameters())
+    missing = [name for name in expected if name not in source.tensor_names]
+    if missing:
+        raise BamError(f"{source.path}: tensor {missing[0]} missing ({len(missing)} missing in all)")
+    state = {}
+    for name, param in expected.items():
+        tensor = source.tensor(name)
+        if tuple(tensor.shape) != tuple(param.shape):
+            raise BamError(f"{source.path}: tensor {name} has shape {tuple(tensor.shape)}, "
+                           f"expected {tuple(param.shape)} from config.json")
+        state[name] = tensor.to(dtype)
+    model.load_state_dict(state, strict=False, assign=True)
+    if source.config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.eval()
+    return model
+
+def copy_tokenizer(src: Path | None, dst: Path) -> None:
+    if src is None:
+        return
+    for name in TOKENIZER_FILES:
+        if (src / name).exists():
+            shutil.copy2(src / name, dst / name)
+
+
+def save_model(model, out: str | Path, tokenizer_dir: Path | None = None, overwrite: bool = False) -> Path:
+    """Write config.json + model.safetensors (+ tokenizer files) atomically."""
+    out = Path(out)
+    tensors = dict(model.named_parameters())  # named_parameters lists a tied weight once
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        model.config.save_pretrained(tmp)
+        specs = {name: (t.dtype, tuple(t.shape)) for name, t in tensors.items()}
+        with StreamingSafetensorsWriter(tmp / WEIGHTS_NAME, specs) as writer:
+            for name, tensor in tensors.items():
+                writer.write(name, tensor)
+        copy_tokenizer(tokenizer_dir, tmp)
+    return out
