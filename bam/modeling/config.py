@@ -13,6 +13,7 @@ from pathlib import Path
 
 from transformers import PreTrainedConfig
 
+from bam import errors
 from bam.errors import BamError, first_line
 from bam.modeling.transformers_compat import CACHE_NAMES
 
@@ -117,8 +118,7 @@ class BamConfig(PreTrainedConfig):
 
     def validate(self) -> None:
         def need(ok: bool, field: str, expected: str) -> None:
-            if not ok:
-                raise BamError(f"config field {field}={getattr(self, field)!r}: expected {expected}")
+            errors.need(ok, f"config field {field}", getattr(self, field), expected)
 
         for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                       "num_attention_heads", "num_key_value_heads", "head_dim",
