@@ -96,7 +96,7 @@ def run(opts: Options) -> dict:
         dense = MoEFFN(bam_ffn_config(d, TOP_K * d_ff, 1, 1))
         init_ours(dense, gen)
         dense.to(device, dtype)
-        fns = {"dense": fwd_bwd(dense, x, grad, lambda o: o.y_TD)}
+        fns = {"dense": fwd_bwd(dense, x, grad, lambda o: o.y_BTD)}
         outputs, names = {}, {}
         for n in expert_counts(opts):
             ours = MoEFFN(bam_ffn_config(d, d_ff, n, TOP_K))
@@ -104,8 +104,8 @@ def run(opts: Options) -> dict:
             loop = MoEFFN(bam_ffn_config(d, d_ff, n, TOP_K, "loop"))
             loop.load_state_dict(ours.state_dict())
             mods = {
-                "ours (grouped)": (ours, lambda o: o.y_TD),
-                "ours (loop)": (loop, lambda o: o.y_TD),
+                "ours (grouped)": (ours, lambda o: o.y_BTD),
+                "ours (loop)": (loop, lambda o: o.y_BTD),
                 "Mixtral grouped_mm": (mixtral_block(ours, d, d_ff, n, TOP_K, "grouped_mm"), lambda y: y),
                 "Mixtral eager": (mixtral_block(ours, d, d_ff, n, TOP_K, "eager"), lambda y: y),
             }

@@ -36,9 +36,9 @@ def moe_workloads(d: int, n: int):
     moe_ffn.init_ours(dense, gen)
     peer = moe_ffn.mixtral_block(ours, d, d_ff, n, k, "grouped_mm")
     return {
-        f"MoE FFN ours, d={d} N={n} top-{k}": moe_ffn.fwd_bwd(ours, x, grad, lambda o: o.y_TD),
+        f"MoE FFN ours, d={d} N={n} top-{k}": moe_ffn.fwd_bwd(ours, x, grad, lambda o: o.y_BTD),
         f"MoE FFN Mixtral grouped_mm, d={d} N={n}": moe_ffn.fwd_bwd(peer, x, grad),
-        f"dense FFN hidden {k * d_ff}, d={d}": moe_ffn.fwd_bwd(dense, x, grad, lambda o: o.y_TD),
+        f"dense FFN hidden {k * d_ff}, d={d}": moe_ffn.fwd_bwd(dense, x, grad, lambda o: o.y_BTD),
     }
 
 

@@ -9,7 +9,7 @@ Router auxiliary loss ON in both MoEs with coefficient 0.01 (Mixtral: output_rou
 its load-balancing loss; ours: load balancing 0.01 plus our z-loss 1e-3, also computed).
 Both sides: loss from `labels` (shifted inside the model), SDPA attention, no KV cache, AdamW
 lr 1e-4, weight decay 0.1. Our models run the way `bam train` runs them: the LM loss through the
-fused, chunked head + cross-entropy (`return_logits=False`, bam/modeling/loss.py) and bam.train.loop's optimizer
+fused, chunked head + cross-entropy (`return_logits=False`, bam/modeling/loss.py) and bam.train.optim's optimizer
 (`make_optimizer`: fused AdamW, no decay on norms and routers). The peers run as transformers'
 Trainer runs them by default: logits, then the cross-entropy, and the fused AdamW kernel (Trainer's
 default optimizer, `adamw_torch_fused`, on torch >= 2.8), so the optimizer is no part of the ratio.
@@ -28,7 +28,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralFo
 from bam.modeling import cost
 from bam.modeling.config import BamConfig
 from bam.modeling.model import BamForCausalLM
-from bam.train.loop import make_optimizer
+from bam.train.optim import make_optimizer
 from bench import matmul
 from bench.common import Options, check, check_result, compare, finish, log, new_result, ratio
 
@@ -159,7 +159,7 @@ def run(opts: Options) -> dict:
                            f"as the steps; 'MFU vs matmul bench' divides by the matmul benchmark's peak "
                            f"({peak:.1f} GFLOP/s) instead")
     result["notes"].append("ours run as `bam train` runs them: fused chunked LM head + cross-entropy (no logits "
-                           "tensor, bam/modeling/loss.py) and fused AdamW (bam.train.loop.make_optimizer); the transformers "
+                           "tensor, bam/modeling/loss.py) and fused AdamW (bam.train.optim.make_optimizer); the transformers "
                            "models as transformers' Trainer runs them: logits + cross-entropy from `labels`, fused AdamW "
                            "(Trainer's default `adamw_torch_fused`)")
     result["notes"].append("METHOD.md's count omits norms, softmax, RoPE, the loss and the optimizer and counts "

@@ -21,11 +21,11 @@ from bam.data.corpus import (
     REFERENCE_FINGERPRINT,
     build_corpus,
     corpus_fingerprint,
-    documents_sha256,
     locked_versions,
     source_versions,
     source_warnings,
 )
+from bam.data.sources import documents_sha256
 
 REPO = Path(bam.__file__).resolve().parent.parent
 

@@ -14,15 +14,10 @@ import pytest
 import torch
 
 import bam.data.shards as data
-from bam.data.shards import (
-    Domain,
-    DomainSpec,
-    MixtureSampler,
-    TokenizedDomain,
-    iter_eval_batches,
-    parse_domain_spec,
-    prepare_domain,
-)
+import bam.data.sources as sources
+from bam.data.batches import MixtureSampler, iter_eval_batches
+from bam.data.shards import TokenizedDomain, prepare_domain
+from bam.data.sources import Domain, DomainSpec, parse_domain_spec
 from bam.errors import BamError
 from bam.data.tokenizer import load_tokenizer, train_tokenizer
 
@@ -179,8 +174,8 @@ def test_text_file_is_cut_into_documents_that_add_up_to_it(tmp_path, input_txt):
     docs = documents(prose)
     assert 150 <= len(docs) <= 300
     for doc in docs[:-1]:
-        assert data.TEXT_DOCUMENT_MIN <= len(doc) < 2 * data.TEXT_DOCUMENT_MAX
-        assert doc.endswith("\n\n") or len(doc) >= data.TEXT_DOCUMENT_MAX
+        assert sources.TEXT_DOCUMENT_MIN <= len(doc) < 2 * sources.TEXT_DOCUMENT_MAX
+        assert doc.endswith("\n\n") or len(doc) >= sources.TEXT_DOCUMENT_MAX
     # No blank lines: cut at a line end once 2,000 characters are in (CRLF endings kept as they are).
     lines = "".join(f"sentence {i} of a file with one sentence per line.\r\n" for i in range(2000))
     docs = documents("\ufeff" + lines)

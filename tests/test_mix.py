@@ -14,7 +14,9 @@ from safetensors.torch import load_file, save_file
 
 from bam.formats.model_dir import load_model, open_model, save_model
 from bam.cli import main
-from bam.mix.mixing import mixed_config, new_router, parameter_shapes
+from bam.mix.mixing import mixed_config
+from bam.mix.rules import new_router
+from bam.modeling.layout import parameter_shapes
 from bam.mix.nexus import DomainEmbeddings
 
 TOKENS = torch.randint(0, 128, (2, 13), generator=torch.Generator().manual_seed(7))
@@ -102,10 +104,10 @@ def test_unnormalized_top1_scales_the_expert_ffn_by_its_probability(tiny_config,
 
     h_TD = torch.randn(64, 64, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        actual_TD = moe.model.layers[1].ffn(h_TD[None]).y_TD[0]
+        actual_TD = moe.model.layers[1].ffn(h_TD[None]).y_BTD[0]
         router_ED = tensors_of(tmp_path / "btx")["model.layers.1.ffn.router.weight"]
         probs_TE = F.softmax(h_TD @ router_ED.T, dim=-1)
-        dense_TED = torch.stack([m.model.layers[1].ffn(h_TD[None]).y_TD[0] for m in experts], dim=1)
+        dense_TED = torch.stack([m.model.layers[1].ffn(h_TD[None]).y_BTD[0] for m in experts], dim=1)
     chosen_T = probs_TE.argmax(dim=-1)
     expected_TD = probs_TE.gather(1, chosen_T[:, None]) * dense_TED[torch.arange(64), chosen_T]
     assert set(chosen_T.tolist()) == {0, 1}  # both experts are exercised

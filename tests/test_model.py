@@ -132,8 +132,8 @@ def test_grouped_dispatch_equals_per_expert_loop(top_k, renormalize):
         h_leaf = h.clone().requires_grad_()
         out = ffn(h_leaf)
         # .sum() gives a stride-0 gradient, which grouped_mm's backward must survive
-        (out.y_TD.sum() + out.load_balancing_loss + out.z_loss).backward()
-        outs.append((out.y_TD, h_leaf.grad, [p.grad for p in ffn.parameters()]))
+        (out.y_BTD.sum() + out.load_balancing_loss + out.z_loss).backward()
+        outs.append((out.y_BTD, h_leaf.grad, [p.grad for p in ffn.parameters()]))
     (y_g, dh_g, dp_g), (y_l, dh_l, dp_l) = outs
     torch.testing.assert_close(y_g, y_l, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(dh_g, dh_l, atol=1e-5, rtol=1e-5)
@@ -156,7 +156,7 @@ def test_expert_without_tokens_gets_a_zero_gradient_in_both_dispatches():
         h = torch.rand(2, 9, config.hidden_size) + 0.1  # positive, so expert 3's logit is very negative
         out = ffn(h)
         assert not (out.routing.expert_index_TK == 3).any()
-        out.y_TD.square().sum().backward()
+        out.y_BTD.square().sum().backward()
         grads.append((ffn.experts.gate_up_proj.grad, ffn.experts.down_proj.grad))
     for gate_up, down in grads:
         assert gate_up[3].abs().max() == 0 and down[3].abs().max() == 0
@@ -178,7 +178,7 @@ def test_moe_ffn_equals_explicit_gate_weighted_sum():
         for e in probs[t].topk(2).indices:  # BAM's rule: gate = p_e, not renormalized
             gate, up = (ffn.experts.gate_up_proj[e] @ h[t]).chunk(2)
             expected[t] += probs[t, e] * (ffn.experts.down_proj[e] @ (F.silu(gate) * up))
-    torch.testing.assert_close(ffn(h[None]).y_TD[0], expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ffn(h[None]).y_BTD[0], expected, atol=1e-5, rtol=1e-5)
 
 
 def test_auxiliary_losses_hand_computed():

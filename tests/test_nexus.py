@@ -16,7 +16,9 @@ from bam.modeling import cost
 from bam.formats.model_dir import load_model, open_model, save_model
 from bam.cli import main
 from bam.errors import BamError
-from bam.mix.mixing import add_expert, mix, new_router
+from bam.mix.add_expert import add_expert
+from bam.mix.mixing import mix
+from bam.mix.rules import new_router
 from bam.modeling.moe import MoEFFN
 from bam.mix.nexus import (
     DomainEmbeddings,
@@ -76,8 +78,8 @@ def test_one_routed_expert_is_shared_plus_that_expert(dispatch, tiny_config):
                 + swiglu(h, ffn.shared_expert.gate_up_proj, ffn.shared_expert.down_proj))
     assert torch.equal(out.routing.gate_TK, torch.ones(10, 1))
     if dispatch == "loop":
-        assert torch.equal(out.y_TD, expected)
-    torch.testing.assert_close(out.y_TD, expected, atol=1e-6, rtol=1e-6)
+        assert torch.equal(out.y_BTD, expected)
+    torch.testing.assert_close(out.y_BTD, expected, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("top_k, renormalize", [(1, False), (2, True)])
@@ -87,7 +89,7 @@ def test_nexus_ffn_equals_hand_computation(top_k, renormalize, tiny_config):
     r, experts, shared = ffn.router, ffn.experts, ffn.shared_expert
     h = torch.randn(7, 64, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        actual = ffn(h[None]).y_TD[0]
+        actual = ffn(h[None]).y_BTD[0]
         e_ED = torch.stack([swiglu(d, r.gate_up_proj, r.down_proj) for d in r.domain_embeddings])
         probs = (h @ e_ED.T).softmax(-1)
         expected = torch.zeros_like(h)
@@ -108,14 +110,14 @@ def test_shared_expert_with_a_linear_router_adds_to_the_routed_output(tiny_confi
     without.load_state_dict({k: v for k, v in with_shared.state_dict().items() if "shared_expert" not in k})
     h = torch.randn(1, 6, 64, generator=torch.Generator().manual_seed(4))
     shared = swiglu(h, with_shared.shared_expert.gate_up_proj, with_shared.shared_expert.down_proj)
-    torch.testing.assert_close(with_shared(h).y_TD, without(h).y_TD + shared, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(with_shared(h).y_BTD, without(h).y_BTD + shared, atol=1e-6, rtol=1e-6)
     assert with_shared.shared_expert.gate_up_proj.shape == (256, 64)  # [2*d_ff, d]
     assert with_shared.shared_expert.down_proj.shape == (64, 128)
 
 
 def test_gradient_reaches_the_projection_but_never_the_domain_embeddings(tiny_config, random_model):
     """What `bam train` does: unfreeze everything (--train-only all), AdamW with weight decay."""
-    from bam.train.loop import param_groups, set_trainable
+    from bam.train.optim import param_groups, set_trainable
 
     model = random_model(tiny_config(n_ffn_experts=3, **NEXUS)).train()
     router = model.model.layers[0].ffn.router

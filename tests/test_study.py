@@ -7,16 +7,10 @@ import pytest
 import yaml
 
 from bam.errors import BamError
-from bam.study.study import (
-    ADD_EXPERT_ROLES,
-    AddExpertSettings,
-    StudySettings,
-    add_expert_name,
-    load_pipeline_file,
-    new_expert_share,
-    summarize_add_expert,
-)
+from bam.study.claims import new_expert_share, summarize_add_expert
 from bam.study.report import write_report
+from bam.study.results import ADD_EXPERT_ROLES, ModelKey, ModelRuns
+from bam.study.settings import AddExpertSettings, StudySettings, load_pipeline_file
 
 DOMAINS = {"general": "builtin", "code": "builtin", "math": "builtin", "legal": "builtin"}
 
@@ -85,10 +79,11 @@ def test_summary_of_the_add_expert_experiment_is_hand_computed():
     }
     per_seed = {}
     for role, seeds in runs.items():
-        name = "expert legal" if role == "dense" else add_expert_name(s, role)
-        per_seed[name] = {"evals": [evaluation({**{d: v * scale for d, v in old.items()}, "legal": legal}, shares,
-                                               n_experts=2 if role == "before" else 3)
-                                    for legal, scale, shares in seeds]}
+        key = ModelKey.expert("legal") if role == "dense" else ModelKey.add_expert(s.add_expert, role)
+        per_seed[key] = ModelRuns(dict(zip(s.seeds, [
+            evaluation({**{d: v * scale for d, v in old.items()}, "legal": legal}, shares,
+                       n_experts=2 if role == "before" else 3)
+            for legal, scale, shares in seeds])))
     summary = summarize_add_expert(s, per_seed)
     rows = summary["rows"]
     assert list(rows) == ["dense", *ADD_EXPERT_ROLES]
@@ -122,13 +117,13 @@ def test_report_has_the_add_expert_section_and_keeps_it_out_of_the_main_table(tm
                 "avg_ppl": {"mean": 10.0, "std": 0.0, "per_seed": [10.0, 10.0]}, "cost": cost, "metrics": None,
                 "routing": routing(shares, n) if shares else None, "expert_names": None, "bpb": {}}
 
-    models = {"seed": model("dense"), "expert legal": model("expert")}
-    per_seed = {"expert legal": {"evals": [evaluation({**{d: 10.0 for d in DOMAINS}})] * 2}}
+    models = {ModelKey.seed(): model("dense"), ModelKey.expert("legal"): model("expert")}
+    per_seed = {ModelKey.expert("legal"): ModelRuns(dict.fromkeys(s.seeds, evaluation({**{d: 10.0 for d in DOMAINS}})))}
     for role in ADD_EXPERT_ROLES:
-        name = add_expert_name(s, role)
+        key = ModelKey.add_expert(s.add_expert, role)
         n = 2 if role == "before" else 3
-        models[name] = model("add-expert", [0.7, 0.7], n)
-        per_seed[name] = {"evals": [evaluation({d: 10.0 for d in DOMAINS}, [0.7, 0.7], n)] * 2}
+        models[key] = model("add-expert", [0.7, 0.7], n)
+        per_seed[key] = ModelRuns(dict.fromkeys(s.seeds, evaluation({d: 10.0 for d in DOMAINS}, [0.7, 0.7], n)))
     results = {"title": "t", "summary": "", "domains": list(DOMAINS), "seeds": [0, 1], "corpus": {},
                "models": models, "ordering": {}, "add_expert": summarize_add_expert(s, per_seed)}
     write_report(results, tmp_path)

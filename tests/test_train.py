@@ -20,7 +20,10 @@ from bam.cli import main
 from bam.modeling.config import BamConfig
 from bam.errors import BamError
 from bam.modeling.model import BamForCausalLM
-from bam.train.loop import TrainConfig, lr_at, train
+from bam.train import optim
+from bam.train.config import TrainConfig
+from bam.train.loop import train
+from bam.train.schedule import lr_at
 
 
 @pytest.fixture(scope="module")
@@ -191,20 +194,20 @@ def test_train_only_routers_changes_only_router_tensors(assets, tmp_path):
 
 def test_train_only_groups_and_decay(assets, tmp_path, capsys):
     model = load_model(tiny_moe(tmp_path, assets))
-    trainable = train_module.set_trainable(model, "experts,norms")
+    trainable = optim.set_trainable(model, "experts,norms")
     assert trainable and all(".ffn.experts." in n or n.endswith("norm.weight") for n in trainable)
-    groups = train_module.param_groups(model, 0.1)
+    groups = optim.param_groups(model, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for g in groups if g["weight_decay"] > 0 for p in g["params"]}
     assert decayed == {n for n in trainable if ".ffn.experts." in n}
 
-    train_module.set_trainable(model, "all")
-    no_decay = {names[id(p)] for g in train_module.param_groups(model, 0.1) if g["weight_decay"] == 0
+    optim.set_trainable(model, "all")
+    no_decay = {names[id(p)] for g in optim.param_groups(model, 0.1) if g["weight_decay"] == 0
                 for p in g["params"]}
     assert no_decay == {n for n in names.values() if n.endswith("norm.weight") or n.endswith("router.weight")}
 
     with pytest.raises(BamError, match="unknown group 'rooters'"):
-        train_module.select_patterns("rooters")
+        optim.select_patterns("rooters")
     assert main(["train", str(assets.seed), *common_args(assets, tmp_path / "r"), "--train-only", "routers"]) == 2
     assert "matches no parameter" in capsys.readouterr().err
     assert not (tmp_path / "r" / "model").exists()

@@ -1,4 +1,5 @@
-"""`bam mix` (dense experts -> one MoE checkpoint) and `bam inspect` (what a checkpoint costs)."""
+"""`bam mix` (dense experts -> one MoE checkpoint, by any method of bam/mix/rules.py, Nexus's included)
+and `bam inspect` (what a checkpoint costs)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,13 @@ import argparse
 import json
 from pathlib import Path
 
-from bam.modeling import cost
-from bam.formats.model_dir import open_model
 from bam.errors import BamError
-from bam.mix.mixing import METHODS, NEXUS_METHODS, PROVENANCE_NAME, mix, source_dtype
+from bam.formats.model_dir import open_model
+from bam.mix.mixing import mix, source_dtype
+from bam.mix.nexus import DomainEmbeddings
+from bam.mix.provenance import PROVENANCE_NAME
+from bam.mix.rules import METHODS, NEXUS_METHODS
+from bam.modeling import cost
 
 
 def register(subparsers) -> None:
@@ -62,23 +66,35 @@ def _weights(text: str) -> list[float]:
 
 def run_mix(args) -> int:
     if args.method in NEXUS_METHODS:
-        from bam.cli.nexus import cmd_mix_nexus  # noqa: PLC0415
-
-        return cmd_mix_nexus(args)
-    if args.domain_embeddings or args.domains or args.nexus_hidden_dim:
+        if args.domain_embeddings is None:
+            raise BamError(f"{args.method} needs --domain-embeddings FILE (make one with `bam embed-domains`)")
+        embeddings = DomainEmbeddings.load(args.domain_embeddings)
+        if args.domains:
+            embeddings = embeddings.select([name.strip() for name in args.domains.split(",")])
+    elif args.domain_embeddings or args.domains or args.nexus_hidden_dim:
         raise BamError(f"--domain-embeddings, --domains and --nexus-hidden-dim apply to the nexus methods, "
                        f"not {args.method}")
+    else:
+        embeddings = None
     sources = [open_model(d) for d in args.dirs]
     out = mix(sources, args.method, args.out, top_k=args.top_k, renormalize=args.renormalize,
               num_experts=args.num_experts, router_init_std=args.router_init_std, seed=args.seed,
-              weights=args.weights, overwrite=args.overwrite)
+              weights=args.weights, overwrite=args.overwrite, domain_embeddings=embeddings,
+              nexus_hidden_dim=args.nexus_hidden_dim)
     config = open_model(out).config
+    params = (f"params {_count(cost.params_total(config))} total, {_count(cost.params_active(config))} active; "
+              f"provenance in {out / PROVENANCE_NAME}")
+    if args.method in NEXUS_METHODS:
+        attention = ("one averaged attention" if config.n_attn_experts == 1 else
+                     f"{config.n_attn_experts} attention experts ({'shared' if config.kv_shared else 'own'} K/V)")
+        print(f"wrote {out} ({args.method}): shared expert from {args.dirs[0]}, {config.n_ffn_experts} routed FFN "
+              f"experts ({', '.join(config.ffn_expert_domains)}) top-{config.ffn_top_k}, {attention}; {params}")
+        return 0
     attention = ("one shared attention" if config.n_attn_experts == 1 else
                  f"{config.n_attn_experts} attention experts ({'shared' if config.kv_shared else 'own'} K/V)")
     gates = "renormalized" if config.ffn_renormalize else "not renormalized"
     print(f"wrote {out} ({args.method}): {attention}, {config.n_ffn_experts} FFN experts top-{config.ffn_top_k} "
-          f"{gates}; params {_count(cost.params_total(config))} total, "
-          f"{_count(cost.params_active(config))} active; provenance in {out / PROVENANCE_NAME}")
+          f"{gates}; {params}")
     return 0
 
 

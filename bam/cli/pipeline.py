@@ -1,4 +1,4 @@
-"""`bam run PIPELINE.yaml` and `bam demo`: the whole study, staged and resumable (bam/study/study.py)."""
+"""`bam run PIPELINE.yaml` and `bam demo`: the whole study, staged and resumable (bam/study/)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from bam.errors import BamError
 
 def register(subparsers) -> None:
     run = subparsers.add_parser("run", help="run a Branch-Attend-Mix study described by a YAML file")
-    run.add_argument("pipeline", help="PIPELINE.yaml (fields of bam.study.study.StudySettings, plus out)")
+    run.add_argument("pipeline", help="PIPELINE.yaml (fields of bam.study.settings.StudySettings, plus out)")
     run.add_argument("--out", help="output directory (overrides the file's `out`)")
     run.set_defaults(func=cmd_run)
 
@@ -35,7 +35,8 @@ def _seeds(spec: str | None) -> list[int] | None:
 
 
 def cmd_run(args) -> int:
-    from bam.study.study import load_pipeline_file, run_study  # noqa: PLC0415  (heavy imports)
+    from bam.study.settings import load_pipeline_file  # noqa: PLC0415  (heavy imports)
+    from bam.study.study import run_study  # noqa: PLC0415
 
     settings, out = load_pipeline_file(args.pipeline)
     out = Path(args.out) if args.out else out

@@ -1,7 +1,8 @@
 """Verbs that make and train dense models: `init`, `branch`, `train`, `eval`, `tokenizer train`.
 
 Each handler turns parsed arguments into a call of the library function that does the work
-(bam.modeling.presets, bam.train.loop, bam.eval.perplexity, bam.data.tokenizer), so the pipeline can call the same code.
+(bam.modeling.presets, bam.mix.branch, bam.train, bam.eval.perplexity, bam.data.tokenizer), so the
+pipeline can call the same code.
 """
 
 from __future__ import annotations
@@ -10,16 +11,13 @@ import argparse
 import json
 import os
 import re
-import shutil
 import sys
 from pathlib import Path
 
-from bam.errors import BamError
+from bam.errors import BamError, first_duplicate
+from bam.mix.branch import BRANCH_MANIFEST, branch
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-BRANCH_MANIFEST = "branch.json"
-# Top-level files of a Hugging Face model directory that `branch` copies byte for byte.
-MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".txt", ".model", ".jinja")
 
 
 def register(subparsers) -> None:
@@ -90,55 +88,10 @@ def parse_expert_names(spec: str) -> list[str]:
     for name in names:
         if not _NAME_RE.match(name):
             raise BamError(f"--experts {spec}: domain name {name!r} must match [A-Za-z0-9][A-Za-z0-9_.-]*")
-    duplicate = next((n for n in names if names.count(n) > 1), None)
+    duplicate = first_duplicate(names)
     if duplicate:
         raise BamError(f"--experts {spec}: domain {duplicate!r} is given twice")
     return names
-
-
-def branch(seed: str | Path, experts: list[str], out: str | Path) -> Path:
-    """DIR/<domain>/ for every expert (each a full model directory) and DIR/branch.json, atomically.
-
-    Our own checkpoints are copied byte for byte (after checking the seed against its manifest,
-    so a corrupt seed is not multiplied); an imported Hugging Face seed is converted once to our
-    format and that is copied, so every expert loads the same way. Each expert directory gets its
-    own manifest.
-    """
-    from bam.formats.model_dir import load_model, open_model, save_model
-    from bam.io.atomic import atomic_output_dir
-    from bam.io.manifest import MANIFEST_NAME, sha256_file, verify_manifest, write_manifest
-
-    seed = Path(seed)
-    source = open_model(seed)
-    weight_files = sorted({Path(p).name for p in _weight_files(seed)})
-    manifest = {
-        "format": 1,
-        "seed": {"path": str(seed.resolve()), "family": source.family,
-                 "sha256": {name: sha256_file(seed / name) for name in weight_files}},
-        "experts": {name: {"path": name} for name in experts},
-    }
-    with atomic_output_dir(out) as tmp:
-        first = tmp / experts[0]
-        if source.family == "bam":
-            verify_manifest(seed)
-            first.mkdir()
-            for path in sorted(seed.iterdir()):
-                if (path.is_file() and not path.name.startswith(".") and path.suffix in MODEL_FILE_SUFFIXES
-                        and path.name != MANIFEST_NAME):
-                    shutil.copy2(path, first / path.name)
-            write_manifest(first)
-        else:
-            save_model(load_model(seed), first, source.tokenizer_dir)
-        for name in experts[1:]:
-            shutil.copytree(first, tmp / name)
-        (tmp / BRANCH_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    return Path(out)
-
-
-def _weight_files(directory: Path) -> list[Path]:
-    from bam.io.tensor_files import SafetensorsFiles  # noqa: PLC0415
-
-    return sorted(set(SafetensorsFiles(directory).file_of.values()))
 
 
 def cmd_branch(args) -> int:
@@ -160,7 +113,7 @@ DATA_HELP = ("a text file, directory, glob, .jsonl, .parquet or hf:DATASET; PATH
              "there are none). Documents go to train/validation/test by a hash of their text")
 
 
-def _add_data_args(p, what: str, required: bool = True) -> None:
+def add_data_args(p, what: str, required: bool = True) -> None:
     p.add_argument("--data", required=required, nargs="+", action="extend", default=[], metavar="NAME=PATH[:WEIGHT]",
                    help=f"{what}: {DATA_HELP}")
     p.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (default: the model's own)")
@@ -171,7 +124,7 @@ def _add_data_args(p, what: str, required: bool = True) -> None:
 
 
 def _register_train(subparsers) -> None:
-    from bam.train.loop import TRAIN_GROUPS  # noqa: PLC0415
+    from bam.train.optim import TRAIN_GROUPS  # noqa: PLC0415
 
     p = subparsers.add_parser(
         "train", help="train a model on a weighted mixture of domains (torchrun for DDP/FSDP2)",
@@ -179,7 +132,7 @@ def _register_train(subparsers) -> None:
                     "for data parallelism; --batch-size is the global batch either way.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("model", metavar="MODEL", help="model directory (ours or a supported HF checkpoint)")
-    _add_data_args(p, "training domains, weight = mixture share")
+    add_data_args(p, "training domains, weight = mixture share")
     p.add_argument("--out", required=True, metavar="OUT", help="run directory (metrics, checkpoints, model/)")
     p.add_argument("--max-steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=16, help="global sequences per optimizer step")
@@ -210,7 +163,8 @@ def _register_train(subparsers) -> None:
 
 
 def cmd_train(args) -> int:
-    from bam.train.loop import TrainConfig, train  # noqa: PLC0415
+    from bam.train.config import TrainConfig  # noqa: PLC0415
+    from bam.train.loop import train  # noqa: PLC0415
 
     cfg = TrainConfig(
         model=args.model, data=args.data, out=args.out, tokenizer=args.tokenizer, cache_dir=args.cache_dir,
@@ -236,7 +190,7 @@ def _register_eval(subparsers) -> None:
     p = subparsers.add_parser("eval", help="per-domain perplexity and bits per byte",
                               description="Perplexity and bits per byte of MODEL on each domain's held-out split.")
     p.add_argument("model", metavar="MODEL", help="model directory")
-    _add_data_args(p, "evaluation domains", required=False)
+    add_data_args(p, "evaluation domains", required=False)
     p.add_argument("--split", choices=("validation", "test", "all"), default="validation",
                    help="held-out split, or all documents (for files held out by hand)")
     p.add_argument("--seq-len", type=int, default=None, help="window length (default: min(context, 1024))")
@@ -257,7 +211,7 @@ def cmd_eval(args) -> int:
     from bam.data.shards import prepare_domain  # noqa: PLC0415
     from bam.eval.perplexity import evaluate_domains, format_table, summary  # noqa: PLC0415
     from bam.data.tokenizer import load_tokenizer  # noqa: PLC0415
-    from bam.train.loop import default_cache_dir  # noqa: PLC0415
+    from bam.train.config import default_cache_dir  # noqa: PLC0415
 
     if not args.data and not args.tasks:
         raise BamError("give --data NAME=PATH ... (perplexity) and/or --tasks T1,T2 (lm-eval)")
@@ -281,7 +235,7 @@ def cmd_eval(args) -> int:
     cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     domains = [prepare_domain(spec, tokenizer, cache, args.val_fraction, args.test_fraction) for spec in args.data]
     names = [d.name for d in domains]
-    duplicate = next((n for n in names if names.count(n) > 1), None)
+    duplicate = first_duplicate(names)
     if duplicate:
         raise BamError(f"--data: domain {duplicate!r} is given twice")
     seq_len = args.seq_len or min(model.config.max_position_embeddings, 1024)
@@ -315,7 +269,7 @@ def _register_tokenizer(subparsers) -> None:
 def cmd_tokenizer_train(args) -> int:
     import itertools  # noqa: PLC0415
 
-    from bam.data.shards import Domain  # noqa: PLC0415
+    from bam.data.sources import Domain  # noqa: PLC0415
     from bam.data.tokenizer import load_tokenizer, train_tokenizer  # noqa: PLC0415
 
     domains = [Domain.from_spec(spec) for spec in args.data]  # bad paths fail before any training

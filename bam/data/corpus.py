@@ -16,8 +16,9 @@ read: its files come with the OS image (Debian's base-files), which no bam lock 
 
 Documents are deduplicated by content (the same MIT licence ships with several packages, and a
 duplicate across train and test would flatter the held-out perplexity). A domain's fingerprint is
-the sha256 of its documents, the digest bam.data.shards records as a prepared domain's `content_sha256`;
-the corpus fingerprint combines the four. `python -m bam.data.corpus` prints them for this machine.
+the sha256 of its documents (bam.data.sources.documents_sha256), the digest bam.data.shards records as
+a prepared domain's `content_sha256`; the corpus fingerprint combines the four.
+`python -m bam.data.corpus` prints them for this machine.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from pathlib import Path
 from packaging.utils import canonicalize_name  # packaging comes with transformers
 from packaging.version import InvalidVersion, Version
 
+from bam.data.sources import documents_sha256
+
 DOMAINS = ("general", "code", "math", "legal")
 TEST_DIRS = {"test", "tests", "idle_test", "testing"}
 LICENSE_PREFIXES = ("LICENSE", "LICENCE", "COPYING", "NOTICE", "COPYRIGHT")
@@ -48,7 +51,7 @@ LICENSE_DISTRIBUTIONS = (
     "python-dateutil", "pyyaml", "regex", "safetensors", "six", "sympy", "torch", "tqdm", "transformers",
     "typing-extensions",
 )
-LOCK_FILE = Path(__file__).resolve().parent.parent / "requirements" / "default.txt"
+LOCK_FILE = Path(__file__).resolve().parents[2] / "requirements" / "default.txt"  # bam/data/ -> the repository
 
 # The corpus behind the README's demo numbers: `bam demo` with its default preset (at most
 # REFERENCE_MAX_CHARS characters per domain) on Python REFERENCE_PYTHON with the lock file's versions.
@@ -75,16 +78,6 @@ class CorpusDomain:
     def summary(self) -> dict:
         return {"sha256": self.fingerprint, "documents": len(self.documents), "characters": self.n_chars,
                 "sources": self.sources}
-
-
-def documents_sha256(documents: list[str]) -> str:
-    """sha256 over the documents in order, each length-prefixed (bam.data.shards's content_sha256)."""
-    digest = hashlib.sha256()
-    for doc in documents:
-        data = doc.encode("utf-8")
-        digest.update(len(data).to_bytes(8, "little"))
-        digest.update(data)
-    return digest.hexdigest()
 
 
 def corpus_fingerprint(domain_sha256: dict[str, str]) -> str:

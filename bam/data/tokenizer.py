@@ -15,8 +15,8 @@ import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from bam.errors import BamError, first_line
 from bam.io.atomic import atomic_output_dir
-from bam.errors import BamError
 
 ENDOFTEXT = "<|endoftext|>"
 SPECIAL_TOKENS = [ENDOFTEXT]
@@ -58,7 +58,7 @@ def load_tokenizer(path: str | Path):
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as exc:
-        raise BamError(f"tokenizer {path}: could not be loaded ({_first_line(exc)})") from exc
+        raise BamError(f"tokenizer {path}: could not be loaded ({first_line(exc)})") from exc
 
 
 def _check_vocab_size(vocab_size: int) -> None:
@@ -139,8 +139,3 @@ def _save_pretrained(tokenizer, out_dir: Path) -> None:
     config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     # Written for readers that predate tokenizer_config.json carrying the special tokens.
     (out_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n", encoding="utf-8")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,2 +1,3 @@
-"""Measuring a model: held-out perplexity, generation, and lm-evaluation-harness tasks. Below train,
+"""Measuring a model: held-out perplexity, routing statistics, generation, and lm-evaluation-harness
+tasks. Below train,
 since training evaluates."""

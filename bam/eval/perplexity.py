@@ -1,7 +1,7 @@
 """Per-domain perplexity and bits per byte on held-out text.
 
 Each domain's split is cut into non-overlapping windows in which every token is predicted exactly
-once (bam.data.shards.iter_eval_batches); we sum the per-token negative log-likelihood in nats, then
+once (bam.data.batches.iter_eval_batches); we sum the per-token negative log-likelihood in nats, then
 
     perplexity    = exp(total nats / predicted tokens)
     bits per byte = total nats / ln 2 / UTF-8 bytes of the text behind those tokens
@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from bam.data.shards import TokenizedDomain, iter_eval_batches
+from bam.data.batches import iter_eval_batches
+from bam.data.shards import TokenizedDomain
 from bam.errors import BamError
 
 # "all" scores every document of the given data (train + validation + test): for files the user

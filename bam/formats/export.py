@@ -45,7 +45,7 @@ from bam.io.atomic import atomic_output_dir
 from bam.io.tensor_files import StreamingSafetensorsWriter, WEIGHTS_NAME
 from bam.modeling.config import BamConfig
 from bam.errors import BamError
-from bam.mix.mixing import parameter_shapes
+from bam.modeling.layout import parameter_shapes
 
 STANDARD_FORMATS = ("mixtral", "qwen2_moe", "olmoe", "llama")
 FORMATS = STANDARD_FORMATS + ("hf",)

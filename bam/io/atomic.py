@@ -46,7 +46,7 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False, keep_existing: b
     created = _missing_ancestors(out.parent)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temporaries(out)
+        remove_stale_temporaries(out.parent, out.name)
         tmp = Path(tempfile.mkdtemp(prefix=_temporary_prefix(out), dir=out.parent))
     except OSError as err:
         _remove_empty(created)
@@ -102,25 +102,45 @@ def _write_error(err: BaseException, out: Path) -> BamError | None:
 
 def _temporary_prefix(out: Path, kind: str = "tmp") -> str:
     # Hidden, named after `out`, and owned: which process on which machine is writing it. `kind`
-    # is "tmp" for the directory being written, "old" for the copy an overwrite moves aside.
+    # is "tmp" for the directory being written, "old" for a copy moved aside to be deleted (by an
+    # overwrite, or by `remove_dir`).
     return f".{out.name}.{kind}-{os.getpid()}@{socket.gethostname()}-"
 
 
-def _remove_stale_temporaries(out: Path) -> None:
-    """Delete temporary directories of `out` left by killed processes on this machine.
+def remove_stale_temporaries(directory: Path, out_name: str | None = None) -> None:
+    """Delete temporary directories in `directory` left by killed processes on this machine: those
+    of the output named `out_name`, or of every output when it is None.
 
     A process killed mid-write leaves its hidden temporary directory behind, and one killed
-    between the two renames of an overwrite leaves the replaced copy moved aside; the next write
-    of the same output removes both. Only directories whose owner is on this host and no longer
-    running are removed: a live writer's (another rank, a racing cache build) is never touched,
-    and neither is one from another machine sharing the file system.
+    between the two renames of an overwrite (or in the middle of `remove_dir`) leaves the replaced
+    copy moved aside; the next write of the same output removes both. Only directories whose
+    owner is on this host and no longer running are removed: a live writer's (another rank, a
+    racing cache build) is never touched, and neither is one from another machine sharing the
+    file system. Without `out_name` it sweeps a directory whose outputs are written under ever
+    new names (a training run's states, step_000002, step_000004, ...), where the next write may
+    never be of the same output.
     """
     host = socket.gethostname()
-    pattern = re.compile(rf"^\.{re.escape(out.name)}\.(?:tmp|old)-(\d+)@(.+)-[^-]+$")
-    for path in out.parent.glob(f".{glob.escape(out.name)}.*-*"):
+    name = re.escape(out_name) if out_name is not None else ".+"
+    pattern = re.compile(rf"^\.{name}\.(?:tmp|old)-(\d+)@(.+)-[^-]+$")
+    for path in directory.glob(f".{glob.escape(out_name)}.*-*" if out_name is not None else ".*"):
         match = pattern.match(path.name)
         if match and match.group(2) == host and not _process_alive(int(match.group(1))):
             shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_dir(path: Path) -> None:
+    """Delete directory `path` so that it is never seen half-deleted: it is first moved aside under
+    a temporary name of this process, which `remove_stale_temporaries` removes if a kill stops the
+    deletion."""
+    shutil.rmtree(_move_aside(path), ignore_errors=True)
+
+
+def _move_aside(out: Path) -> Path:
+    """Rename `out` into a new temporary directory of this process beside it; returns that directory."""
+    old = Path(tempfile.mkdtemp(prefix=_temporary_prefix(out, "old"), dir=out.parent))
+    os.rename(out, old / out.name)
+    return old
 
 
 def _process_alive(pid: int) -> bool:
@@ -161,8 +181,7 @@ def _publish(tmp: Path, out: Path, keep_existing: bool) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         return
     # POSIX cannot rename over a non-empty directory: move the old one aside first, then drop it.
-    old = Path(tempfile.mkdtemp(prefix=_temporary_prefix(out, "old"), dir=out.parent))
-    os.rename(out, old / out.name)
+    old = _move_aside(out)
     os.rename(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
 

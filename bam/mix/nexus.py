@@ -1,5 +1,4 @@
-"""Nexus (METHOD.md 3.3): the fixed domain embeddings its router projects, and the short finetune
-that follows adding an expert.
+"""Nexus (METHOD.md 3.3): the fixed domain embeddings its router projects.
 
 Each routed expert i has a fixed vector d_i describing its domain. The paper takes the mean text
 embedding of the domain's training data; any fixed vector per domain works. Two encoders:
@@ -18,7 +17,8 @@ are what its small random initialisation assumes).
 
 How the vectors were computed (`EmbeddingSource`) travels with them: in the embeddings file, then
 in the mixed model's config (`nexus_embedding_source`), so `bam add-expert` embeds a new domain
-exactly like the existing ones. The mixing and adding of experts themselves are in bam/mix/mixing.py.
+exactly like the existing ones (bam/mix/extend.py). The mixing and adding of experts themselves are
+in bam/mix/mixing.py and bam/mix/add_expert.py.
 """
 
 from __future__ import annotations
@@ -35,15 +35,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from bam.data.shards import (
-    Domain,
-    DomainSpec,
-    TokenizedDomain,
-    document_split,
-    iter_eval_batches,
-    parse_domain_spec,
-)
-from bam.errors import BamError
+from bam.data.batches import iter_eval_batches
+from bam.data.shards import TokenizedDomain, document_split
+from bam.data.sources import Domain, DomainSpec, parse_domain_spec
+from bam.errors import BamError, first_duplicate
 
 EMBEDDING_METHODS = ("hidden-mean", "sentence-model")
 FILE_FORMAT = 1
@@ -105,6 +100,16 @@ class DomainEmbeddings:
     @property
     def dim(self) -> int:
         return next(iter(self.vectors.values())).numel()
+
+    def cosine_range(self) -> tuple[float, float] | None:
+        """The smallest and largest cosine similarity between two domains (None for one domain):
+        how far apart they are, as nearly parallel vectors give the router little to start from."""
+        unit = torch.nn.functional.normalize(torch.stack(list(self.vectors.values())), dim=-1)
+        if len(unit) < 2:
+            return None
+        cosine = unit @ unit.T
+        off_diagonal = cosine[~torch.eye(len(unit), dtype=torch.bool)]
+        return float(off_diagonal.min()), float(off_diagonal.max())
 
     def select(self, names: Sequence[str]) -> DomainEmbeddings:
         """The vectors of `names`, in that order (the order of the experts they describe)."""
@@ -193,7 +198,7 @@ def domain_embedding(model, domain: TokenizedDomain, max_tokens: int = 65536, se
     """`hidden-mean`: the mean final hidden state of `model` over the first `max_tokens` tokens of
     `domain`'s `split`, rescaled to RMS 1 -> fp32 [hidden_size].
 
-    `model` is a BamForCausalLM (bam.formats.model_dir.load_model); windows are bam.data.shards's evaluation
+    `model` is a BamForCausalLM (bam.formats.model_dir.load_model); windows are bam.data.batches's evaluation
     windows, so every sampled token is seen once, with the context of its window.
     """
     from bam.eval.perplexity import autocast_for  # noqa: PLC0415  (evaluate imports data; keep this module light)
@@ -255,10 +260,10 @@ def sentence_model_embedding(encoder_dir: str | Path, documents: Iterable[str], 
     def encode(texts: list[str]) -> None:
         nonlocal total, n_documents, n_tokens
         enc = tokenizer(texts, truncation=True, max_length=seq_len, padding=True, return_tensors="pt")
-        hidden_BTH = encoder(**enc).last_hidden_state.double()
+        hidden_BTM = encoder(**enc).last_hidden_state.double()
         mask_BT1 = enc["attention_mask"].unsqueeze(-1).double()
-        per_document_BH = (hidden_BTH * mask_BT1).sum(dim=1) / mask_BT1.sum(dim=1).clamp(min=1)
-        total = per_document_BH.sum(dim=0) if total is None else total + per_document_BH.sum(dim=0)
+        per_document_BM = (hidden_BTM * mask_BT1).sum(dim=1) / mask_BT1.sum(dim=1).clamp(min=1)
+        total = per_document_BM.sum(dim=0) if total is None else total + per_document_BM.sum(dim=0)
         n_documents += len(texts)
         n_tokens += int(enc["attention_mask"].sum())
 
@@ -284,7 +289,8 @@ def _as_domain(item: str | DomainSpec | Domain) -> Domain:
     return item if isinstance(item, Domain) else Domain.from_spec(item)
 
 
-def _name_of(item) -> str:
+def domain_name(item: str | DomainSpec | Domain | TokenizedDomain) -> str:
+    """The name of a domain given as a `NAME=PATH` spec or as a (parsed, tokenized) domain."""
     return parse_domain_spec(item).name if isinstance(item, str) else item.name
 
 
@@ -297,8 +303,8 @@ def embed_domains(data: Sequence[str | DomainSpec | Domain | TokenizedDomain], s
     `tokenizer` (default: the model's own) and `cache_dir` (default: bam train's) are used to
     tokenize `NAME=PATH` specs and Domains; prepared TokenizedDomains are used as they are.
     """
-    names = [_name_of(item) for item in data]
-    duplicate = next((n for n in names if names.count(n) > 1), None)
+    names = [domain_name(item) for item in data]
+    duplicate = first_duplicate(names)
     if duplicate:
         raise BamError(f"--data: domain {duplicate!r} is given twice")
     if not source.model and (source.method == "sentence-model" or model is None):
@@ -309,7 +315,7 @@ def embed_domains(data: Sequence[str | DomainSpec | Domain | TokenizedDomain], s
             if isinstance(item, TokenizedDomain):
                 raise BamError(f"domain '{item.name}': a sentence model needs the text, not a tokenized domain")
             documents = train_documents(_as_domain(item), source.val_fraction, source.test_fraction)
-            vectors[_name_of(item)] = sentence_model_embedding(source.model, documents, source.max_tokens,
+            vectors[domain_name(item)] = sentence_model_embedding(source.model, documents, source.max_tokens,
                                                                source.seq_len, batch_size)
         return DomainEmbeddings(vectors, source.as_dict())
 
@@ -323,45 +329,16 @@ def embed_domains(data: Sequence[str | DomainSpec | Domain | TokenizedDomain], s
         if isinstance(item, TokenizedDomain):
             domain = item
         else:
-            from bam.train.loop import default_cache_dir  # noqa: PLC0415  (train imports torch.distributed)
+            from bam.train.config import default_cache_dir  # noqa: PLC0415
 
             if tokenizer is None:
                 from bam.data.tokenizer import load_tokenizer  # noqa: PLC0415
 
                 if not source.model:
-                    raise BamError(f"domain '{_name_of(item)}': no tokenizer to tokenize it with; pass one")
+                    raise BamError(f"domain '{domain_name(item)}': no tokenizer to tokenize it with; pass one")
                 tokenizer = load_tokenizer(source.model)
             cache = Path(cache_dir) if cache_dir else default_cache_dir()
             domain = prepare_domain(_as_domain(item), tokenizer, cache, source.val_fraction, source.test_fraction)
         vectors[domain.name] = domain_embedding(model, domain, source.max_tokens, source.seq_len, batch_size,
                                                 source.split)
     return DomainEmbeddings(vectors, source.as_dict())
-
-
-# ---------------------------------------------------------------------------------------------
-# After adding an expert: a short finetune on half new domain, half old domains
-
-
-def finetune_weights(new_domain: str, old_domains: Sequence[str]) -> dict[str, float]:
-    """Mixture weights: 50% the new domain, 50% shared equally by the old ones (METHOD.md 3.3)."""
-    if not old_domains:
-        raise BamError("finetuning after adding an expert needs at least one old domain besides "
-                       f"{new_domain!r} (METHOD.md 3.3: 50% new, 50% old)")
-    if new_domain in old_domains:
-        raise BamError(f"domain {new_domain!r} is both the new domain and an old one")
-    return {new_domain: 0.5, **{name: 0.5 / len(old_domains) for name in old_domains}}
-
-
-def finetune_after_adding(model_dir: str | Path, new_domain, old_domains: Sequence, out: str | Path,
-                          steps: int, **train_options) -> Path:
-    """Train `model_dir` for `steps` on 50% `new_domain`, 50% `old_domains`; returns OUT/model.
-
-    Domains are anything bam.train.loop.TrainConfig's `data` accepts (`NAME=PATH` strings, DomainSpecs,
-    Domains, TokenizedDomains); `train_options` are further TrainConfig fields (lr, batch_size, ...).
-    """
-    from bam.train.loop import TrainConfig, train  # noqa: PLC0415
-
-    weights = finetune_weights(_name_of(new_domain), [_name_of(d) for d in old_domains])
-    cfg = TrainConfig(model=model_dir, data=[new_domain, *old_domains], out=out, data_weights=weights,
-                      max_steps=steps, **train_options)
-    return train(cfg)

@@ -13,8 +13,7 @@ from pathlib import Path
 
 from transformers import PreTrainedConfig
 
-from bam import errors
-from bam.errors import BamError, first_line
+from bam.errors import BamError, first_line, need
 from bam.modeling.transformers_compat import CACHE_NAMES
 
 BLOCKS = ("parallel", "sequential")
@@ -117,45 +116,45 @@ class BamConfig(PreTrainedConfig):
                 and self.ffn_router == "linear")
 
     def validate(self) -> None:
-        def need(ok: bool, field: str, expected: str) -> None:
-            errors.need(ok, f"config field {field}", getattr(self, field), expected)
+        def check(ok: bool, field: str, expected: str) -> None:
+            need(ok, f"config field {field}", getattr(self, field), expected)
 
         for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                       "num_attention_heads", "num_key_value_heads", "head_dim",
                       "max_position_embeddings", "n_attn_experts", "n_ffn_experts", "ffn_top_k",
                       "attn_top_k"):
             value = getattr(self, field)
-            need(isinstance(value, int) and value > 0, field, "a positive integer")
-        need(self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
+            check(isinstance(value, int) and value > 0, field, "a positive integer")
+        check(self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
              f"a divisor of num_attention_heads={self.num_attention_heads}")
-        need(self.head_dim % 2 == 0, "head_dim", "an even number (RoPE rotates pairs)")
-        need(self.block in BLOCKS, "block", f"one of {BLOCKS}")
-        need(self.norm in NORMS, "norm", f"one of {NORMS}")
-        need(self.attn_routing in ATTN_ROUTINGS, "attn_routing", f"one of {ATTN_ROUTINGS}")
-        need(self.ffn_router in FFN_ROUTERS, "ffn_router", f"one of {FFN_ROUTERS}")
-        need(self.expert_dispatch in EXPERT_DISPATCHES, "expert_dispatch", f"one of {EXPERT_DISPATCHES}")
-        need(self.ffn_top_k <= self.n_ffn_experts, "ffn_top_k", f"at most n_ffn_experts={self.n_ffn_experts}")
-        need(self.attn_top_k <= self.n_attn_experts, "attn_top_k",
+        check(self.head_dim % 2 == 0, "head_dim", "an even number (RoPE rotates pairs)")
+        check(self.block in BLOCKS, "block", f"one of {BLOCKS}")
+        check(self.norm in NORMS, "norm", f"one of {NORMS}")
+        check(self.attn_routing in ATTN_ROUTINGS, "attn_routing", f"one of {ATTN_ROUTINGS}")
+        check(self.ffn_router in FFN_ROUTERS, "ffn_router", f"one of {FFN_ROUTERS}")
+        check(self.expert_dispatch in EXPERT_DISPATCHES, "expert_dispatch", f"one of {EXPERT_DISPATCHES}")
+        check(self.ffn_top_k <= self.n_ffn_experts, "ffn_top_k", f"at most n_ffn_experts={self.n_ffn_experts}")
+        check(self.attn_top_k <= self.n_attn_experts, "attn_top_k",
              f"at most n_attn_experts={self.n_attn_experts}")
-        need(self.norm_eps > 0, "norm_eps", "a positive number")
-        need(self.rope_theta > 0, "rope_theta", "a positive number")
-        need(self.router_init_std >= 0, "router_init_std", "a non-negative number")
-        need(self.router_aux_loss_coef >= 0, "router_aux_loss_coef", "a non-negative number")
-        need(self.router_z_loss_coef >= 0, "router_z_loss_coef", "a non-negative number")
-        need(isinstance(self.ffn_shared_expert, bool), "ffn_shared_expert", "true or false")
+        check(self.norm_eps > 0, "norm_eps", "a positive number")
+        check(self.rope_theta > 0, "rope_theta", "a positive number")
+        check(self.router_init_std >= 0, "router_init_std", "a non-negative number")
+        check(self.router_aux_loss_coef >= 0, "router_aux_loss_coef", "a non-negative number")
+        check(self.router_z_loss_coef >= 0, "router_z_loss_coef", "a non-negative number")
+        check(isinstance(self.ffn_shared_expert, bool), "ffn_shared_expert", "true or false")
         for field in ("nexus_embed_dim", "nexus_hidden_dim"):
             value = getattr(self, field)
             if self.ffn_router == "nexus":
-                need(isinstance(value, int) and not isinstance(value, bool) and value > 0, field,
+                check(isinstance(value, int) and not isinstance(value, bool) and value > 0, field,
                      "a positive integer (required by ffn_router='nexus')")
             else:
-                need(value is None, field, "null unless ffn_router='nexus'")
+                check(value is None, field, "null unless ffn_router='nexus'")
         domains = self.ffn_expert_domains
-        need(domains is None or (isinstance(domains, list) and len(domains) == self.n_ffn_experts
+        check(domains is None or (isinstance(domains, list) and len(domains) == self.n_ffn_experts
                                  and all(isinstance(d, str) and d for d in domains)
                                  and len(set(domains)) == len(domains)),
              "ffn_expert_domains", f"null or {self.n_ffn_experts} distinct names, one per FFN expert")
-        need(self.nexus_embedding_source is None or isinstance(self.nexus_embedding_source, dict),
+        check(self.nexus_embedding_source is None or isinstance(self.nexus_embedding_source, dict),
              "nexus_embedding_source", "null or an object")
 
 

@@ -13,9 +13,9 @@ Per row with target t and logits z = s * W h (s the logit scale), loss = logsume
 dloss/dz = softmax(z) - onehot(t), so with n the number of non-ignored targets (the loss is their
 mean, as F.cross_entropy's):
     dh = s * (softmax(z) W - W_t) / n          dW = (softmax(z)^T (s h) - scatter_t(s h)) / n
-The onehot terms are a gather and a scatter of [N, D] rows, done once after the chunk loop.
+The onehot terms are a gather and a scatter of [T, D] rows, done once after the chunk loop.
 
-Shape suffixes: N rows (tokens), D width, V vocabulary, C rows of one chunk.
+Shape suffixes: the letters of bam/modeling/__init__.py.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def default_chunk_rows(vocab_size: int) -> int:
     return max(16, (CHUNK_BYTES - 1) // (4 * vocab_size) // 16 * 16)
 
 
-def linear_cross_entropy(h_ND: torch.Tensor, weight_VD: torch.Tensor, targets_N: torch.Tensor, *,
+def linear_cross_entropy(h_TD: torch.Tensor, weight_VD: torch.Tensor, targets_T: torch.Tensor, *,
                          logit_scale: float = 1.0, ignore_index: int = -100,
                          chunk_rows: int | None = None) -> torch.Tensor:
     """`F.cross_entropy(logit_scale * h @ weight.T, targets, ignore_index=...)` (mean reduction),
@@ -48,28 +48,28 @@ def linear_cross_entropy(h_ND: torch.Tensor, weight_VD: torch.Tensor, targets_N:
     the dtypes of `h` and `weight`. A tied weight is fine: its gradient reaches the shared
     parameter through autograd like any other use.
     """
-    device_type = h_ND.device.type
+    device_type = h_TD.device.type
     chunk_rows = chunk_rows or default_chunk_rows(weight_VD.shape[0])
     compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
     # Inside an autograd.Function's forward grad mode is always off, so decide here which
     # gradients are needed (evaluation under no_grad computes the loss only; a frozen head skips
     # the dW GEMM).
-    need_dh = torch.is_grad_enabled() and h_ND.requires_grad
+    need_dh = torch.is_grad_enabled() and h_TD.requires_grad
     need_dW = torch.is_grad_enabled() and weight_VD.requires_grad
-    return _LinearCrossEntropy.apply(h_ND, weight_VD, targets_N, float(logit_scale), ignore_index,
+    return _LinearCrossEntropy.apply(h_TD, weight_VD, targets_T, float(logit_scale), ignore_index,
                                      chunk_rows, compute_dtype, need_dh, need_dW)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h_ND, weight_VD, targets_N, logit_scale, ignore_index, chunk_rows, compute_dtype,
+    def forward(ctx, h_TD, weight_VD, targets_T, logit_scale, ignore_index, chunk_rows, compute_dtype,
                 need_dh, need_dW):
-        dtype = compute_dtype or torch.promote_types(h_ND.dtype, weight_VD.dtype)
-        with torch.autocast(h_ND.device.type, enabled=False):
-            loss, grad_h_ND, grad_W_VD = _loss_and_grads(
-                h_ND.reshape(-1, h_ND.shape[-1]), weight_VD, targets_N.reshape(-1), logit_scale, ignore_index,
+        dtype = compute_dtype or torch.promote_types(h_TD.dtype, weight_VD.dtype)
+        with torch.autocast(h_TD.device.type, enabled=False):
+            loss, grad_h_TD, grad_W_VD = _loss_and_grads(
+                h_TD.reshape(-1, h_TD.shape[-1]), weight_VD, targets_T.reshape(-1), logit_scale, ignore_index,
                 chunk_rows, dtype, need_dh, need_dW)
-        ctx.grad_h = grad_h_ND.to(h_ND.dtype).view_as(h_ND) if need_dh else None
+        ctx.grad_h = grad_h_TD.to(h_TD.dtype).view_as(h_TD) if need_dh else None
         ctx.grad_W = grad_W_VD.to(weight_VD.dtype) if need_dW else None
         ctx.released = False
         return loss
@@ -92,32 +92,32 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_h, grad_W, None, None, None, None, None, None, None
 
 
-def _loss_and_grads(h_ND, weight_VD, targets_N, scale, ignore_index, chunk_rows, dtype, need_dh, need_dW):
-    """fp32 loss (mean over non-ignored targets) and, as asked, fp32 dloss/dh [N, D] and dloss/dW [V, D]."""
-    n_rows, n_vocab = h_ND.shape[0], weight_VD.shape[0]
-    keep_N = targets_N != ignore_index
-    n_valid = int(keep_N.sum())
+def _loss_and_grads(h_TD, weight_VD, targets_T, scale, ignore_index, chunk_rows, dtype, need_dh, need_dW):
+    """fp32 loss (mean over non-ignored targets) and, as asked, fp32 dloss/dh [T, D] and dloss/dW [V, D]."""
+    n_rows, n_vocab = h_TD.shape[0], weight_VD.shape[0]
+    keep_T = targets_T != ignore_index
+    n_valid = int(keep_T.sum())
     grad_W_VD = weight_VD.new_zeros(weight_VD.shape, dtype=torch.float32) if need_dW else None
     if n_valid == 0:  # F.cross_entropy's mean over no targets is 0/0; the gradients are zero
-        grad_h_ND = h_ND.new_zeros(h_ND.shape, dtype=torch.float32) if need_dh else None
-        return h_ND.new_tensor(float("nan"), dtype=torch.float32), grad_h_ND, grad_W_VD
-    rows_N = None
+        grad_h_TD = h_TD.new_zeros(h_TD.shape, dtype=torch.float32) if need_dh else None
+        return h_TD.new_tensor(float("nan"), dtype=torch.float32), grad_h_TD, grad_W_VD
+    rows_T = None
     if n_valid < n_rows:  # ignored rows contribute nothing: compute only the others
-        rows_N = keep_N.nonzero().squeeze(1)
-        h_ND, targets_N = h_ND.index_select(0, rows_N), targets_N.index_select(0, rows_N)
+        rows_T = keep_T.nonzero().squeeze(1)
+        h_TD, targets_T = h_TD.index_select(0, rows_T), targets_T.index_select(0, rows_T)
     inv_n = 1.0 / n_valid
 
-    # Scaling h instead of the logits costs a pass over [N, D] rather than [N, V]; the same scaled
+    # Scaling h instead of the logits costs a pass over [T, D] rather than [T, V]; the same scaled
     # rows are the operand of the dW GEMM.
-    hs_ND = (h_ND * scale if scale != 1.0 else h_ND).to(dtype)
+    hs_TD = (h_TD * scale if scale != 1.0 else h_TD).to(dtype)
     w_VD = weight_VD.to(dtype)
-    chunk_rows = min(chunk_rows, hs_ND.shape[0])
-    z_buffer = torch.empty(chunk_rows, n_vocab, dtype=torch.float32, device=h_ND.device)
+    chunk_rows = min(chunk_rows, hs_TD.shape[0])
+    z_buffer = torch.empty(chunk_rows, n_vocab, dtype=torch.float32, device=h_TD.device)
     p_buffer = torch.empty_like(z_buffer)
-    grad_h_ND = torch.empty(hs_ND.shape, dtype=torch.float32, device=h_ND.device) if need_dh else None
-    loss_sum = torch.zeros((), dtype=torch.float32, device=h_ND.device)
-    for start in range(0, hs_ND.shape[0], chunk_rows):
-        hs_CD, t_C = hs_ND[start:start + chunk_rows], targets_N[start:start + chunk_rows]
+    grad_h_TD = torch.empty(hs_TD.shape, dtype=torch.float32, device=h_TD.device) if need_dh else None
+    loss_sum = torch.zeros((), dtype=torch.float32, device=h_TD.device)
+    for start in range(0, hs_TD.shape[0], chunk_rows):
+        hs_CD, t_C = hs_TD[start:start + chunk_rows], targets_T[start:start + chunk_rows]
         z_CV, p_CV = z_buffer[:hs_CD.shape[0]], p_buffer[:hs_CD.shape[0]]
         _matmul_into(z_CV, hs_CD, w_VD.T)
         max_C = z_CV.amax(dim=1)
@@ -128,19 +128,19 @@ def _loss_and_grads(h_ND, weight_VD, targets_N, scale, ignore_index, chunk_rows,
         loss_sum += (max_C - p_CV.amax(dim=1).log() - target_logit_C).sum()
         p_op = p_CV.to(dtype) if need_dh or need_dW else None
         if need_dh:
-            _matmul_into(grad_h_ND[start:start + hs_CD.shape[0]], p_op, w_VD)  # softmax @ W
+            _matmul_into(grad_h_TD[start:start + hs_CD.shape[0]], p_op, w_VD)  # softmax @ W
         if need_dW:
             _addmm_into(grad_W_VD, p_op.T, hs_CD, alpha=inv_n)  # softmax^T @ (s h) / n
     loss = loss_sum / n_valid
 
     # The onehot part of softmax - onehot; for dh also the mean's 1/n and the chain rule's s.
     if need_dh:
-        grad_h_ND.sub_(w_VD.index_select(0, targets_N).float()).mul_(scale * inv_n)
-        if rows_N is not None:
-            grad_h_ND = grad_h_ND.new_zeros(n_rows, grad_h_ND.shape[1]).index_copy_(0, rows_N, grad_h_ND)
+        grad_h_TD.sub_(w_VD.index_select(0, targets_T).float()).mul_(scale * inv_n)
+        if rows_T is not None:
+            grad_h_TD = grad_h_TD.new_zeros(n_rows, grad_h_TD.shape[1]).index_copy_(0, rows_T, grad_h_TD)
     if need_dW:
-        grad_W_VD.index_add_(0, targets_N, hs_ND.float(), alpha=-inv_n)
-    return loss, grad_h_ND, grad_W_VD
+        grad_W_VD.index_add_(0, targets_T, hs_TD.float(), alpha=-inv_n)
+    return loss, grad_h_TD, grad_W_VD
 
 
 def _matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:

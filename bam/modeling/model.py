@@ -3,12 +3,12 @@
 Block (METHOD.md section 2), with h = Norm(x):
     parallel:   y = x + Attention(h) + FFN(h)
     sequential: y1 = x + Attention(Norm1(x)); y = y1 + FFN(Norm2(y1))
-Attention is a soft mixture of N attention experts (METHOD.md 3.2), computed as one
-scaled-dot-product attention over N*H query heads; FFN is a routed mixture of SwiGLU experts with
-a linear or Nexus router and an optional always-on shared expert (bam/modeling/moe.py). With N = 1 both
+Attention is a soft mixture of E attention experts (METHOD.md 3.2), computed as one
+scaled-dot-product attention over E*H query heads; FFN is a routed mixture of SwiGLU experts with
+a linear or Nexus router and an optional always-on shared expert (bam/modeling/moe.py). With E = 1 both
 are the ordinary dense modules.
 
-Shape suffixes: B batch, T query positions, S key positions, D width, H heads, N experts.
+Shape suffixes: the letters of bam/modeling/__init__.py.
 """
 
 from __future__ import annotations
@@ -51,19 +51,19 @@ def rope_cos_sin(position_ids_BT: torch.Tensor, head_dim: int, theta: float, dty
     (x_i, x_{i + head_dim/2}) by angle i, so half a table is all there is. Computed per call, so
     there is no buffer to keep in sync."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=position_ids_BT.device).float() / head_dim)
-    angles_BTF = position_ids_BT.float()[..., None] * inv_freq
-    return angles_BTF.cos().to(dtype), angles_BTF.sin().to(dtype)
+    angles_BTG = position_ids_BT.float()[..., None] * inv_freq
+    return angles_BTG.cos().to(dtype), angles_BTG.sin().to(dtype)
 
 
-def apply_rope(x_BHTD: torch.Tensor, cos_BTF: torch.Tensor, sin_BTF: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE (Llama's `x * cos + rotate_half(x) * sin`) on [B, H, T, Dh], any strides."""
-    return _Rope.apply(x_BHTD, cos_BTF[:, None], sin_BTF[:, None], 1.0)
+def apply_rope(x_BHTA: torch.Tensor, cos_BTG: torch.Tensor, sin_BTG: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE (Llama's `x * cos + rotate_half(x) * sin`) on [B, H, T, A], any strides."""
+    return _Rope.apply(x_BHTA, cos_BTG[:, None], sin_BTG[:, None], 1.0)
 
 
 class _Rope(torch.autograd.Function):
     """RoPE as one rotation per pair: two passes over x where the textbook form (negate, concatenate,
     two products, a sum) makes five, each a full read and write of q or k; that matters most for the
-    mixture of attention, whose q has N times the heads. The backward is the inverse rotation
+    mixture of attention, whose q has E times the heads. The backward is the inverse rotation
     (the same with -sin), itself a _Rope, so higher-order gradients work too.
     """
 
@@ -106,11 +106,11 @@ def attention_mask_for(attention_mask_BS: torch.Tensor | None, q_len: int, past_
 
 
 class MixtureOfAttention(nn.Module):
-    """N attention experts mixed per position by a soft router: sum_j g_j(t) * Attn_j(H)_t.
+    """E attention experts mixed per position by a soft router: sum_j g_j(t) * Attn_j(h)_t.
 
     Query heads are stacked expert-major in `q_proj`. With KV experts each expert's query heads
     attend to its own K/V heads; with `kv_shared` all experts' query heads attend to one set of
-    K/V heads, i.e. grouped-query attention with group size N * H / H_kv. SDPA groups consecutive
+    K/V heads, i.e. grouped-query attention with group size E * H / H_kv. SDPA groups consecutive
     query heads, so for sharing the heads are reordered kv-head-major before the call and back after.
     """
 
@@ -133,38 +133,38 @@ class MixtureOfAttention(nn.Module):
         self.router = nn.Linear(d, self.n_experts, bias=False) if self.n_experts > 1 else None
 
     def gates(self, h_BTD: torch.Tensor) -> torch.Tensor:
-        probs_BTN = fp32_linear(h_BTD, self.router.weight).softmax(dim=-1)
+        probs_BTE = fp32_linear(h_BTD, self.router.weight).softmax(dim=-1)
         if self.routing == "topk":  # ablation only: METHOD.md 3.2 says soft routing is essential
-            top_BTK, index_BTK = probs_BTN.topk(self.top_k, dim=-1)
-            probs_BTN = torch.zeros_like(probs_BTN).scatter(-1, index_BTK, top_BTK / top_BTK.sum(-1, keepdim=True))
-        return probs_BTN
+            top_BTK, index_BTK = probs_BTE.topk(self.top_k, dim=-1)
+            probs_BTE = torch.zeros_like(probs_BTE).scatter(-1, index_BTK, top_BTK / top_BTK.sum(-1, keepdim=True))
+        return probs_BTE
 
     def forward(self, h_BTD, cos_sin, mask, cache: Cache | None):
         B, T, _ = h_BTD.shape
-        N, group = self.n_experts, self.n_heads // self.n_kv_heads
-        # (B, T, N, H_kv, group, Dh) -> heads in the order SDPA's GQA grouping needs.
+        E, group = self.n_experts, self.n_heads // self.n_kv_heads
+        # (B, T, E, H_kv, group, A) -> heads in the order SDPA's GQA grouping needs.
         head_order = (0, 3, 2, 4, 1, 5) if self.kv_shared else (0, 2, 3, 4, 1, 5)
-        q = self.q_proj(h_BTD).view(B, T, N, self.n_kv_heads, group, self.head_dim)
-        q_BHTD = q.permute(head_order).reshape(B, N * self.n_heads, T, self.head_dim)
-        k_BHSD = self.k_proj(h_BTD).view(B, T, -1, self.head_dim).transpose(1, 2)
-        v_BHSD = self.v_proj(h_BTD).view(B, T, -1, self.head_dim).transpose(1, 2)
-        q_BHTD, k_BHSD = apply_rope(q_BHTD, *cos_sin), apply_rope(k_BHSD, *cos_sin)
+        q = self.q_proj(h_BTD).view(B, T, E, self.n_kv_heads, group, self.head_dim)
+        q_BHTA = q.permute(head_order).reshape(B, E * self.n_heads, T, self.head_dim)
+        k_BHSA = self.k_proj(h_BTD).view(B, T, -1, self.head_dim).transpose(1, 2)
+        v_BHSA = self.v_proj(h_BTD).view(B, T, -1, self.head_dim).transpose(1, 2)
+        q_BHTA, k_BHSA = apply_rope(q_BHTA, *cos_sin), apply_rope(k_BHSA, *cos_sin)
         if cache is not None:
-            k_BHSD, v_BHSD = cache.update(k_BHSD, v_BHSD, self.layer_idx)
+            k_BHSA, v_BHSA = cache.update(k_BHSA, v_BHSA, self.layer_idx)
 
-        o_BHTD = F.scaled_dot_product_attention(
-            q_BHTD, k_BHSD, v_BHSD, attn_mask=mask, is_causal=mask is None and T > 1,
-            enable_gqa=q_BHTD.shape[1] != k_BHSD.shape[1],
+        o_BHTA = F.scaled_dot_product_attention(
+            q_BHTA, k_BHSA, v_BHSA, attn_mask=mask, is_causal=mask is None and T > 1,
+            enable_gqa=q_BHTA.shape[1] != k_BHSA.shape[1],
         )
-        # Back to (B, T, N, H*Dh): inverse of head_order.
-        o = o_BHTD.view(B, *q.permute(head_order).shape[1:])
+        # Back to (B, T, E, H, A): inverse of head_order.
+        o = o_BHTA.view(B, *q.permute(head_order).shape[1:])
         inverse = sorted(range(6), key=head_order.__getitem__)
-        o_BTNE = o.permute(inverse).reshape(B, T, N, self.n_heads * self.head_dim)
-        gates_BTN = None
+        o_BTEHA = o.permute(inverse).reshape(B, T, E, self.n_heads, self.head_dim)
+        gates_BTE = None
         if self.router is not None:
-            gates_BTN = self.gates(h_BTD)
-            o_BTNE = o_BTNE * gates_BTN.to(o_BTNE.dtype)[..., None]
-        return self.o_proj(o_BTNE.reshape(B, T, -1)), gates_BTN
+            gates_BTE = self.gates(h_BTD)
+            o_BTEHA = o_BTEHA * gates_BTE.to(o_BTEHA.dtype)[..., None, None]
+        return self.o_proj(o_BTEHA.reshape(B, T, -1)), gates_BTE
 
 
 class Block(nn.Module):
@@ -181,15 +181,15 @@ class Block(nn.Module):
         attn_BTD, attn_gates = self.attn(h_BTD, cos_sin, mask, cache)
         if self.parallel:
             ffn = self.ffn(h_BTD, aux_losses)
-            return x_BTD + attn_BTD + ffn.y_TD, ffn, attn_gates
+            return x_BTD + attn_BTD + ffn.y_BTD, ffn, attn_gates
         x_BTD = x_BTD + attn_BTD
         ffn = self.ffn(self.post_attention_norm(x_BTD), aux_losses)
-        return x_BTD + ffn.y_TD, ffn, attn_gates
+        return x_BTD + ffn.y_BTD, ffn, attn_gates
 
 
 @dataclass
 class LayerRouting:
-    """Per layer, for routing statistics: FFN expert choice (T, K) and attention gates (B, T, N)."""
+    """Per layer, for routing statistics: FFN expert choice (T, K) and attention gates (B, T, E)."""
 
     ffn_expert_index: torch.Tensor | None
     ffn_probs: torch.Tensor | None

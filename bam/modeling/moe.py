@@ -9,8 +9,7 @@ An optional always-on shared expert (Nexus: the seed's FFN) is added to the rout
 `y = FFN_shared(h) + sum_k gate_k * FFN_{e_k}(h)`. The load-balancing and z losses see the routed
 experts only; the shared expert takes every token by construction.
 
-Shapes use suffixes: T tokens, D model width, F expert hidden width, E experts, K experts per token,
-M domain-embedding width, P the Nexus projection's hidden width (h').
+Shape suffixes: the letters of bam/modeling/__init__.py.
 """
 
 from __future__ import annotations
@@ -180,33 +179,33 @@ class SwiGLUExperts(nn.Module):
         n_tokens, top_k = expert_index_TK.shape
         n_experts = self.gate_up_proj.shape[0]
         # Sort the T*K (token, slot) pairs by expert so each expert sees one contiguous block.
-        flat_expert_S = expert_index_TK.flatten()
-        order_S = torch.argsort(flat_expert_S, stable=True)
+        flat_expert_R = expert_index_TK.flatten()
+        order_R = torch.argsort(flat_expert_R, stable=True)
         if counts_E is None:
             counts_E = expert_counts(expert_index_TK, n_experts)
-        token_S = order_S // top_k
-        # index_select rather than h_TD[token_S]: its backward is an index_add_, cheaper than
+        token_R = order_R // top_k
+        # index_select rather than h_TD[token_R]: its backward is an index_add_, cheaper than
         # advanced indexing's index_put_(accumulate=True).
-        x_SD = h_TD.index_select(0, token_S)
+        x_RD = h_TD.index_select(0, token_R)
 
-        if self.dispatch == "grouped" and _grouped_mm_usable(x_SD, self.gate_up_proj, self.down_proj):
+        if self.dispatch == "grouped" and _grouped_mm_usable(x_RD, self.gate_up_proj, self.down_proj):
             offsets_E = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
-            gate_SF, up_SF = grouped_matmul(x_SD, self.gate_up_proj, offsets_E).chunk(2, dim=-1)
-            y_SD = grouped_matmul(F.silu(gate_SF) * up_SF, self.down_proj, offsets_E)
+            gate_RF, up_RF = grouped_matmul(x_RD, self.gate_up_proj, offsets_E).chunk(2, dim=-1)
+            y_RD = grouped_matmul(F.silu(gate_RF) * up_RF, self.down_proj, offsets_E)
         else:
             # Exact fallback: one plain matmul per expert that received tokens. The weights are
             # unbound once, whose backward stacks the experts' gradients; indexing them per expert
             # would build a zero gradient of all E experts for each one (E^2 memory traffic).
             gate_up_E, down_E = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
             blocks = [swiglu(x_block, gate_up_E[expert], down_E[expert])
-                      for expert, x_block in enumerate(torch.split(x_SD, counts_E.tolist())) if x_block.shape[0]]
-            y_SD = torch.cat(blocks) if blocks else x_SD.new_zeros(0, x_SD.shape[1])
+                      for expert, x_block in enumerate(torch.split(x_RD, counts_E.tolist())) if x_block.shape[0]]
+            y_RD = torch.cat(blocks) if blocks else x_RD.new_zeros(0, x_RD.shape[1])
 
         # Weight each pair by its gate while still in sorted order and add the K slots of every
         # token with one scatter: no unsort copy and no batched matmul, and the backward is a
         # gather (index_select) of the output gradient.
-        gate_S = gate_TK.flatten().index_select(0, order_S).to(y_SD.dtype)
-        return y_SD.new_zeros(n_tokens, y_SD.shape[1]).index_add_(0, token_S, y_SD * gate_S[:, None])
+        gate_R = gate_TK.flatten().index_select(0, order_R).to(y_RD.dtype)
+        return y_RD.new_zeros(n_tokens, y_RD.shape[1]).index_add_(0, token_R, y_RD * gate_R[:, None])
 
 
 class SwiGLU(nn.Module):
@@ -224,7 +223,7 @@ class SwiGLU(nn.Module):
 
 @dataclass
 class FFNOutput:
-    y_TD: torch.Tensor
+    y_BTD: torch.Tensor
     load_balancing_loss: torch.Tensor | None = None
     z_loss: torch.Tensor | None = None
     routing: Routing | None = None
@@ -264,5 +263,5 @@ class MoEFFN(nn.Module):
                 out.load_balancing_loss = load_balancing_loss(routing.probs_TE, routing.expert_index_TK, counts_E)
                 out.z_loss = router_z_loss(routing.logits_TE)
         if self.shared_expert is not None:  # always on, ungated: y = FFN_shared(h) + routed
-            out.y_TD = out.y_TD + self.shared_expert(h_BTD)
+            out.y_BTD = out.y_BTD + self.shared_expert(h_BTD)
         return out

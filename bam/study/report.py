@@ -1,15 +1,21 @@
-"""The study's report: report.json for scripts, report.md for people, PNG plots for both.
+"""The study's report: report.json for scripts, report.md for people, PNG plots for both; and the
+display labels of the study's models ("BTX (DM)"), made here only.
 
-Input is one `results` dict built by the pipeline (bam/study/study.py):
-  results["models"][name] = {"group": "dense"|"expert"|"moe", "method", "setting": "DM"|"CM"|None,
-                             "perplexity": {domain: {"mean", "std", "per_seed"}}, "avg_ppl": {...},
-                             "cost": {...}, "metrics": path of its training metrics.jsonl or None,
-                             "routing": {"ffn": [layer][domain][expert], "attn": [layer][domain][expert]}}
+Input is one `results` dict built by bam.study.claims.assemble, its models keyed by
+bam.study.results.ModelKey; report.json and report.md name each model by its label and spell its key
+out as group, method and setting (`labelled`):
+  results["models"][key] = {"perplexity": {domain: {"mean", "std", "per_seed"}}, "avg_ppl": {...},
+                            "cost": {...}, "metrics": path of its training metrics.jsonl or None,
+                            "routing": {"ffn": [layer][domain][expert], "attn": [layer][domain][expert]},
+                            "expert_names", "bpb"}
+  report.json["models"][label] = {"group": "dense"|"expert"|"moe"|"add-expert", "method",
+                                  "setting": "DM"|"CM"|role|None, **results["models"][key]}
   results["domains"], results["corpus"], results["seeds"], results["ordering"], results["notes"]
   results["provenance"]: per-domain sha256 and counts, software versions, the built-in corpus's
                          fingerprint against the README's (bam.study.study.Study.provenance)
-  results["add_expert"]: the Nexus extension experiment (bam.study.study.summarize_add_expert) or None;
-                         its models are in results["models"] with group "add-expert".
+  results["add_expert"]: the Nexus extension experiment (bam.study.claims.summarize_add_expert) or None;
+                         its models are in results["models"] with group "add-expert", its rows name
+                         theirs by key ("model"), report.json's by label ("name").
 """
 
 from __future__ import annotations
@@ -21,9 +27,48 @@ from pathlib import Path
 import matplotlib
 
 from bam.data.corpus import REFERENCE_FINGERPRINT
+from bam.study.results import ModelKey
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+# The methods' names in the report: mixing methods (bam.study.settings.MOE_METHODS) and those of the
+# add-expert experiment (ADD_EXPERT_METHODS).
+METHOD_LABELS = {"btx": "BTX", "bam": "BAM KV experts", "bam-shared": "BAM KV sharing",
+                 "nexus": "Nexus", "nexus-bam": "Nexus-BAM KV experts", "nexus-bam-shared": "Nexus-BAM KV sharing"}
+# The add-expert experiment's models, by role (bam.study.results.ADD_EXPERT_ROLES)
+ADD_EXPERT_LABELS = {
+    "before": "{method} before adding {domain}",
+    "added": "{method} + {domain}",
+    "added-finetuned": "{method} + {domain}, finetuned",
+    "reset": "linear reset + {domain}",
+    "reset-finetuned": "linear reset + {domain}, finetuned",
+}
+
+
+def model_label(key: ModelKey) -> str:
+    """How the report, report.json and the log name a model of the study."""
+    if key.group == "dense":
+        return "seed"
+    if key.group == "expert":
+        return f"expert {key.domain}"
+    if key.group == "moe":
+        return f"{METHOD_LABELS[key.method]} ({key.setting})"
+    return ADD_EXPERT_LABELS[key.setting].format(method=METHOD_LABELS[key.method], domain=key.domain)
+
+
+def labelled(results: dict) -> dict:
+    """`results` as report.json lays them out: models, and the add-expert experiment's rows, named by
+    their labels, each model's key spelled out as its group, method and setting."""
+    models = {model_label(key): {"group": key.group, "method": key.method, "setting": key.setting, **model}
+              for key, model in results["models"].items()}
+    out = {**results, "models": models}
+    experiment = results.get("add_expert")
+    if experiment:
+        rows = {role: {"name": model_label(row["model"]), **{k: v for k, v in row.items() if k != "model"}}
+                for role, row in experiment["rows"].items()}
+        out["add_expert"] = {**experiment, "rows": rows}
+    return out
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
@@ -290,6 +335,7 @@ def plot_add_expert(results: dict, out: Path) -> Path | None:
 
 def write_report(results: dict, out: Path) -> None:
     """Write report.json, report.md and the plots into `out` (which the caller made atomic)."""
+    results = labelled(results)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(results, indent=2, default=str))
     plots = [plot_perplexity(results, out), plot_loss_curves(results, out), plot_cost(results, out),

@@ -1,0 +1,165 @@
+"""Per-tensor rules: which function builds each output tensor of a mix, and the pure functions
+that implement them (METHOD.md section 3).
+
+Every output tensor is a pure function of the same-named tensors of the dense sources:
+
+    tensor                        btx       bam       bam-shared   upcycle (one source)
+    ffn experts (gate_up, down)   stack     stack     stack        repeat N times
+    attn q (weight, bias), o      average   stack     stack        copy
+    attn k, v (weight, bias)      average   stack     average      copy
+    everything else               average   average   average      copy
+    ffn router                    new       new       new          new
+    attn router                   -         new       new          -
+
+Nexus (METHOD.md 3.3) takes the seed first, then N domain experts. The seed's FFN becomes the
+always-on shared expert, the N domain experts' FFNs are stacked as the routed experts, and every
+other tensor is averaged over all N+1 models, as btx does. The router is Nexus's: the given domain
+embeddings (one per domain expert) and a new projection (small normals like any new router).
+`nexus-bam` and `nexus-bam-shared` are our extension: attention experts as in bam / bam-shared,
+one per model, the seed's included (attention has no shared expert; all N+1 are soft-routed).
+
+"stack" puts expert j's tensor in slot j, expert-major (the layout bam/modeling/config.py describes): rows
+of q/k/v, columns of o_proj, dim 0 of the 3-D FFN expert tensors. Averages are uniform unless
+weights are given (they are normalized to sum to 1). Routers are new, N(0, router_init_std), drawn
+from a generator seeded by (seed, tensor name), so a router does not depend on which tensors were
+computed before it.
+
+Adding one dense expert to a mixture (bam/mix/add_expert.py) has rules of its own:
+`added_tensor_rule`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from bam.errors import BamError
+from bam.modeling.config import BamConfig
+
+NEXUS_METHODS = ("nexus", "nexus-bam", "nexus-bam-shared")
+METHODS = ("btx", "bam", "bam-shared", "upcycle", *NEXUS_METHODS)
+
+
+@dataclass(frozen=True)
+class Rule:
+    # mix: "average" | "copy" | "stack" | "repeat" | "router" | "shared_expert" | "domain_embeddings"
+    # add_expert: "keep" | "append" | "append_embedding" | "router_row" | "merge"
+    kind: str
+    dim: int = 0  # the dimension experts are stacked along ("stack", "repeat")
+    routed_only: bool = False  # "stack" over the domain experts only (Nexus: not the seed)
+
+
+# Attention tensors each method keeps per expert, and the dim experts are stacked along: rows for
+# the input projections ([H*Dh, d] -> [N*H*Dh, d]), columns for the output projection.
+STACKED_ATTENTION = {
+    "bam": {"q_proj.weight": 0, "q_proj.bias": 0, "k_proj.weight": 0, "k_proj.bias": 0,
+            "v_proj.weight": 0, "v_proj.bias": 0, "o_proj.weight": 1},
+    "bam-shared": {"q_proj.weight": 0, "q_proj.bias": 0, "o_proj.weight": 1},
+}
+STACKED_ATTENTION["nexus-bam"] = STACKED_ATTENTION["bam"]
+STACKED_ATTENTION["nexus-bam-shared"] = STACKED_ATTENTION["bam-shared"]
+
+
+def tensor_rule(name: str, method: str) -> Rule:
+    """How output tensor `name` is built under `method` (the table in this module's docstring)."""
+    if name.endswith(".router.weight"):
+        return Rule("router")
+    if name.endswith(".ffn.router.domain_embeddings"):
+        return Rule("domain_embeddings")
+    if ".ffn.router." in name:  # the Nexus projection W1, W2: new, like any router
+        return Rule("router")
+    if ".ffn.shared_expert." in name:
+        return Rule("shared_expert")
+    if ".ffn.experts." in name:
+        return Rule("repeat" if method == "upcycle" else "stack", 0, routed_only=method in NEXUS_METHODS)
+    if method == "upcycle":
+        return Rule("copy")
+    _, found, leaf = name.rpartition(".attn.")
+    dim = STACKED_ATTENTION.get(method, {}).get(leaf) if found else None
+    return Rule("average") if dim is None else Rule("stack", dim)
+
+
+def added_tensor_rule(name: str, config: BamConfig) -> Rule:
+    """How tensor `name` of a mixture with config `config` grows when one dense expert is appended.
+
+        FFN experts; q/o of attention experts (k/v too with KV experts)  append the new model's slice
+        Nexus domain embeddings                                         append the new domain's vector
+        Nexus projection W1, W2; the shared expert                      keep
+        linear FFN router, attention router                             append a new row
+        everything else (k/v too with KV sharing)                       merge (1 - λ) * moe + λ * new
+    """
+    if name.endswith(".ffn.router.domain_embeddings"):
+        return Rule("append_embedding")
+    if name.endswith(".router.weight"):
+        return Rule("router_row")
+    if ".ffn.router." in name or ".ffn.shared_expert." in name:
+        return Rule("keep")
+    if ".ffn.experts." in name:
+        return Rule("append", 0)
+    _, found, leaf = name.rpartition(".attn.")
+    if found and config.n_attn_experts > 1:
+        dim = STACKED_ATTENTION["bam-shared" if config.kv_shared else "bam"].get(leaf)
+        if dim is not None:
+            return Rule("append", dim)
+    return Rule("merge")
+
+
+def average(tensors: Iterable[torch.Tensor], weights: Sequence[float] | None = None,
+            dtype: torch.dtype | None = None) -> torch.Tensor:
+    """sum_j w_j * t_j with w normalized to sum to 1 (uniform without weights).
+
+    Accumulates in at least fp32, so averaging bf16 experts loses nothing before the final cast.
+    With weights given, `tensors` may be a lazy iterator: only one input is held at a time.
+    """
+    if weights is None:
+        tensors = list(tensors)
+        weights = [1.0] * len(tensors)
+    total = float(sum(weights))
+    if not weights or total <= 0 or any(w < 0 for w in weights):
+        raise BamError(f"averaging weights {list(weights)}: expected non-negative numbers with a positive sum")
+    acc = None
+    for weight, tensor in zip(weights, tensors, strict=True):
+        if acc is None:
+            # The first term starts the sum: no zero-filled accumulator to add it to. Scale in
+            # place only a copy made by the cast, never the caller's tensor.
+            acc = tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+            acc = acc * (weight / total) if acc is tensor else acc.mul_(weight / total)
+            dtype = dtype or tensor.dtype
+        else:
+            acc.add_(tensor, alpha=weight / total)  # a bf16 `tensor` is upcast inside the kernel, no copy
+    return acc.to(dtype)
+
+
+def stack(tensors: Iterable[torch.Tensor], n: int, dim: int = 0, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Concatenate n equal-shaped tensors along `dim`, tensor j in slot j (expert-major).
+
+    The output is allocated once and filled in place, so a lazy iterator holds one input at a time.
+    """
+    out, count = None, 0
+    for j, tensor in enumerate(tensors):
+        if out is None:
+            shape = list(tensor.shape)
+            shape[dim] *= n
+            out = torch.empty(shape, dtype=dtype or tensor.dtype)
+        width = tensor.shape[dim]
+        out.narrow(dim, j * width, width).copy_(tensor)
+        count += 1
+    if count != n:
+        raise ValueError(f"stack expected {n} tensors, got {count}")
+    return out
+
+
+def router_seed(seed: int, name: str) -> int:
+    """A 63-bit generator seed from (seed, tensor name): independent of processing order."""
+    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def new_router(name: str, shape: Sequence[int], std: float, seed: int,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A fresh router weight ~ N(0, std^2), the same for the same (seed, name) on every machine."""
+    generator = torch.Generator().manual_seed(router_seed(seed, name))
+    return (torch.randn(tuple(shape), generator=generator, dtype=torch.float32) * std).to(dtype)

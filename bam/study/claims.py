@@ -1,0 +1,143 @@
+"""From per-seed evaluations to the study's results: each model's statistics over seeds, the paper's
+claims (METHOD.md section 6) and the add-expert experiment's (METHOD.md 3.3) checked per seed, so the
+report can say how stable they are. `assemble` builds the `results` that report.py writes.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from bam.study.report import METHOD_LABELS, model_label
+from bam.study.results import ADD_EXPERT_ROLES, ModelKey, ModelRuns
+from bam.study.settings import StudySettings
+
+
+def _stat(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "per_seed": values}
+
+
+def assemble(settings: StudySettings, runs: dict[ModelKey, ModelRuns], corpus: dict, provenance: dict,
+             title: str) -> dict:
+    """The study's results (report.py's input): `runs` in the order they were recorded, summarized."""
+    domains = list(settings.domains)
+    models = {}
+    for key, model in runs.items():
+        evals = [model.evals[seed] for seed in settings.seeds]
+        ppl = {d: _stat([e["perplexity"][d] for e in evals]) for d in domains}
+        avg = _stat([statistics.fmean(e["perplexity"][d] for d in domains) for e in evals])
+        cost = dict(evals[0]["cost"])
+        if model.metrics:
+            rates = [json.loads(line).get("tokens_per_s") for line in Path(model.metrics).read_text().splitlines()]
+            rates = [r for r in rates if r]
+            if rates:
+                cost["train_tokens_per_s"] = statistics.median(rates)
+        models[key] = {"perplexity": ppl, "avg_ppl": avg, "cost": cost, "metrics": model.metrics,
+                       "routing": evals[0].get("routing"), "expert_names": model.expert_names,
+                       "bpb": {d: statistics.fmean(e["bpb"][d] for e in evals) for d in domains}}
+    ordering = check_ordering(models, domains, settings)
+    summary = (f"{len(settings.seeds)} seed(s) {settings.seeds}; experts: "
+               f"{', '.join(settings.expert_domains)} + the seed as the {settings.general_domain} expert; "
+               f"mixture training {settings.mixture.steps} steps x {settings.mixture.batch_size} x "
+               f"{settings.seq_len} tokens (data-matched).")
+    return {"title": title, "summary": summary, "domains": domains, "seeds": settings.seeds,
+            "settings": settings.record(), "corpus": corpus, "provenance": provenance, "models": models,
+            "ordering": ordering, "add_expert": summarize_add_expert(settings, runs)}
+
+
+def check_ordering(models: dict[ModelKey, dict], domains: list[str], settings: StudySettings) -> dict:
+    """The paper's claims (METHOD.md section 6), checked per seed so the report can say how stable."""
+    n_seeds = len(settings.seeds)
+    lines, checks = [], {}
+
+    def avg(key: ModelKey, i: int) -> float:
+        return models[key]["avg_ppl"]["per_seed"][i]
+
+    for setting in ("DM", "CM"):
+        btx = ModelKey.mixture("btx", setting)
+        for method in ("bam", "bam-shared"):
+            key = ModelKey.mixture(method, setting)
+            if key not in models or btx not in models:
+                continue
+            wins = [avg(key, i) < avg(btx, i) for i in range(n_seeds)]
+            checks[f"{method} < btx ({setting})"] = wins
+            lines.append(f"{model_label(key)} average perplexity below {model_label(btx)}: {sum(wins)}/{n_seeds} "
+                         f"seeds ({models[key]['avg_ppl']['mean']:.3f} vs {models[btx]['avg_ppl']['mean']:.3f})")
+    dense = [key for key in models if key.group in ("dense", "expert")]
+    for domain in settings.expert_domains:
+        expert = ModelKey.expert(domain)
+        ppl = {key: models[key]["perplexity"][domain]["per_seed"] for key in dense}
+        wins = [all(ppl[expert][i] <= other[i] for other in ppl.values()) for i in range(n_seeds)]
+        checks[f"expert {domain} best dense on {domain}"] = wins
+        lines.append(f"{model_label(expert)} is the best dense model on {domain}: {sum(wins)}/{n_seeds} seeds")
+    return {"checks": checks, "lines": lines}
+
+
+# ---------------------------------------------------------------------------------------------
+# The add-expert experiment
+
+
+def new_expert_share(evaluation: dict, new_domain_index: int) -> float | None:
+    """Share of the new domain's tokens the last (added) FFN expert receives, averaged over layers."""
+    ffn = (evaluation.get("routing") or {}).get("ffn")
+    if not ffn:
+        return None
+    return statistics.fmean(layer[new_domain_index][-1] for layer in ffn)
+
+
+def summarize_add_expert(settings: StudySettings, runs: dict[ModelKey, ModelRuns]) -> dict | None:
+    """Per role and seed: new-domain perplexity, old-domain average, and the added expert's token share."""
+    if settings.add_expert is None:
+        return None
+    method, domain = settings.add_expert.method, settings.add_expert.domain
+    domains = list(settings.domains)
+    old = [d for d in domains if d != domain]
+    rows = {}
+    for role in ("dense", *ADD_EXPERT_ROLES):
+        key = ModelKey.expert(domain) if role == "dense" else ModelKey.add_expert(settings.add_expert, role)
+        evals = [runs[key].evals[seed] for seed in settings.seeds]
+        # Before adding, the last expert is an old one: no share to report.
+        shares = [None if role == "before" else new_expert_share(e, domains.index(domain)) for e in evals]
+        rows[role] = {
+            "model": key,
+            "steps_after_adding": settings.add_expert.finetune.steps if role.endswith("finetuned") else 0,
+            "new_ppl": _stat([e["perplexity"][domain] for e in evals]),
+            "old_avg_ppl": _stat([statistics.fmean(e["perplexity"][d] for d in old) for e in evals]),
+            "new_expert_share": _stat(shares) if None not in shares else None,
+        }
+    # Relative change on the old domains against the mixture before adding, per seed (the report's
+    # table and the summary line both read it from here).
+    for role, row in rows.items():
+        row["old_change"] = None if role in ("dense", "before") else _stat(
+            [a / b - 1 for a, b in zip(row["old_avg_ppl"]["per_seed"], rows["before"]["old_avg_ppl"]["per_seed"])])
+    n = len(settings.seeds)
+
+    def per_seed_of(role: str, key: str) -> list[float]:
+        return rows[role][key]["per_seed"]
+
+    before, nexus, reset = (per_seed_of(r, "new_ppl") for r in ("before", "added-finetuned", "reset-finetuned"))
+    share = per_seed_of("added-finetuned", "new_expert_share")
+    gain = [1 - a / b for a, b in zip(nexus, reset)]
+    checks = {
+        f"adding lowers {domain} perplexity": [a < b for a, b in zip(nexus, before)],
+        f"Nexus router beats linear reset on {domain}": [a < b for a, b in zip(nexus, reset)],
+        f"most {domain} tokens go to the new expert": [x > 0.5 for x in share],
+    }
+    lines = [
+        f"{METHOD_LABELS[method]} + {domain} (finetuned) below the mixture before adding on {domain}: "
+        f"{sum(checks[f'adding lowers {domain} perplexity'])}/{n} seeds "
+        f"({statistics.fmean(nexus):.3f} vs {statistics.fmean(before):.3f})",
+        f"Nexus router vs linear router reset, both finetuned {settings.add_expert.finetune.steps} steps: "
+        f"{domain} perplexity {statistics.fmean(nexus):.3f} vs {statistics.fmean(reset):.3f}, "
+        f"a relative improvement of {statistics.fmean(gain):+.1%} for Nexus (better in "
+        f"{sum(checks[f'Nexus router beats linear reset on {domain}'])}/{n} seeds; the paper reports +18.8% "
+        f"after 1B finetuning tokens)",
+        f"share of {domain} tokens routed to the new expert (mean over layers), Nexus finetuned: "
+        f"{statistics.fmean(share):.1%} (above 50% in {sum(checks[f'most {domain} tokens go to the new expert'])}/{n} "
+        f"seeds); linear reset finetuned: {statistics.fmean(per_seed_of('reset-finetuned', 'new_expert_share')):.1%}",
+        f"old domains ({', '.join(old)}) average perplexity after adding and finetuning: "
+        f"{rows['added-finetuned']['old_change']['mean']:+.1%} relative to before adding",
+    ]
+    return {"domain": domain, "old_domains": old, "method": method, "rows": rows, "checks": checks, "lines": lines}

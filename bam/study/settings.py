@@ -1,0 +1,239 @@
+"""What a study depends on: PIPELINE.yaml's schema (StudySettings and its sections), checked when read,
+and the built-in demo's presets.
+
+A training section (pretrain, cpt, mixture, add_expert.finetune) is not a schema of its own: it sets
+fields of `bam train`'s TrainConfig, which declares and checks them, over the study's own defaults
+(STUDY_TRAINING).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from bam.data.corpus import DOMAINS, REFERENCE_MAX_CHARS
+from bam.errors import BamError, need
+from bam.train.config import TrainConfig
+
+MOE_METHODS = ("btx", "bam", "bam-shared")
+ADD_EXPERT_METHODS = ("nexus", "nexus-bam", "nexus-bam-shared")
+BUILTIN = "builtin"
+
+
+def _fields(data: dict | None, names: list[str], where: str) -> dict:
+    """`data` (None for none), checked to be a mapping of some of `names`."""
+    data = data or {}
+    if not isinstance(data, dict):
+        raise BamError(f"{where}: expected a mapping")
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise BamError(f"{where}.{unknown[0]}: unknown field (expected one of {', '.join(sorted(names))})")
+    return data
+
+
+def _from_dict(cls, data: dict | None, where: str):
+    return cls(**_fields(data, [f.name for f in dataclasses.fields(cls)], where))
+
+
+# ---------------------------------------------------------------------------------------------
+# Training sections: overrides of TrainConfig
+
+# The study's training defaults where they differ from `bam train`'s (TrainConfig's): the study
+# trains small models for a few hundred steps, so a higher learning rate (1e-3, not 3e-4), a short
+# warmup (10 steps, not 100), a checkpoint every 50 steps (not 500), and no validation while
+# training (every stage's model is evaluated on the test split afterwards). `steps` is TrainConfig's
+# max_steps, the steps a stage trains (100, not 1000). batch_size is TrainConfig's own 16, named
+# here because every stage key and report.json list these six values.
+STUDY_TRAINING = {"steps": 100, "batch_size": 16, "lr": 1e-3, "warmup": 10, "save_every": 50, "eval_every": 0}
+# TrainConfig fields each stage sets itself (what it trains, on which data, where), or that the
+# study's own settings give (seq_len, the split fractions): a section may set any other.
+STAGE_FIELDS = ("model", "data", "data_weights", "out", "tokenizer", "cache_dir", "val_fraction",
+                "test_fraction", "max_steps", "seq_len", "seed", "resume", "keep")
+
+
+@dataclass
+class TrainSettings:
+    """One training section: STUDY_TRAINING updated by the section's own values, as PIPELINE.yaml
+    names them. It is the stage key's `train` and report.json's record of the section."""
+
+    values: dict
+
+    @classmethod
+    def parse(cls, section: dict | TrainSettings | None, where: str) -> TrainSettings:
+        if isinstance(section, TrainSettings):
+            return section
+        names = ["steps", *(f.name for f in dataclasses.fields(TrainConfig) if f.name not in STAGE_FIELDS)]
+        settings = cls({**STUDY_TRAINING, **_fields(section, names, where)})
+        try:
+            # What each stage sets itself stands in as placeholders, so that TrainConfig checks the
+            # section's values now, before any stage runs.
+            settings.config(model="", data=["stage data"], out="")
+        except BamError as err:
+            raise BamError(f"{where}: {err}") from None
+        return settings
+
+    @property
+    def steps(self) -> int:
+        return self.values["steps"]
+
+    @property
+    def batch_size(self) -> int:
+        return self.values["batch_size"]
+
+    def config(self, **stage) -> TrainConfig:
+        """One stage's TrainConfig: this section's values, then what the stage sets (`stage`)."""
+        fields = {("max_steps" if name == "steps" else name): value for name, value in self.values.items()}
+        return TrainConfig(**{**fields, **stage})
+
+
+# ---------------------------------------------------------------------------------------------
+# PIPELINE.yaml: one dataclass per section
+
+
+@dataclass
+class AddExpertSettings:
+    """Nexus's extension experiment: hold `domain` out of a `method` mixture, then add its expert."""
+
+    domain: str = "legal"
+    method: str = "nexus"
+    # A brief finetune of an already trained mixture: a lower learning rate than the mixture's own
+    # training from the freshly mixed model (at the demo's 1e-3 the old domains lost another 9%).
+    finetune: TrainSettings = field(default_factory=lambda: {"steps": 50, "lr": 3e-4, "warmup": 5})
+    embed_max_tokens: int = 65536  # tokens of each domain's train split the seed embeds
+
+    def __post_init__(self):
+        self.finetune = TrainSettings.parse(self.finetune, "add_expert.finetune")
+        need(self.method in ADD_EXPERT_METHODS, "add_expert.method", self.method,
+             f"one of {', '.join(ADD_EXPERT_METHODS)}")
+        need(isinstance(self.embed_max_tokens, int) and self.embed_max_tokens > 0, "add_expert.embed_max_tokens",
+             self.embed_max_tokens, "a positive integer")
+
+
+@dataclass
+class StudySettings:
+    """Everything a study depends on. The built-in demo is one of these (see DEMO_PRESETS).
+
+    Sections are given as mappings, as PIPELINE.yaml gives them, and checked on construction.
+    """
+
+    domains: dict[str, str] = field(default_factory=lambda: {d: BUILTIN for d in DOMAINS})
+    general_domain: str = "general"  # the seed's domain: the seed itself is that domain's expert
+    max_chars_per_domain: int | None = 2_000_000  # for built-in domains
+    val_fraction: float = 0.05
+    test_fraction: float = 0.1
+    tokenizer: str | None = None  # a tokenizer directory; None trains a byte-level BPE
+    vocab_size: int = 4096
+    seed_model: str | None = None  # a model directory; None initializes `preset` and pretrains it
+    preset: str = "small"
+    seq_len: int = 256
+    pretrain: TrainSettings = field(default_factory=dict)
+    pretrain_general_weight: float = 0.55  # the rest is spread evenly over the other domains
+    cpt: TrainSettings = field(default_factory=dict)
+    cpt_general_fraction: float = 0.1  # METHOD.md 1.3: ~10% general data during CPT
+    methods: list[str] = field(default_factory=lambda: list(MOE_METHODS))
+    top_k: int = 1
+    renormalize: bool = False
+    router_init_std: float = 0.02
+    mixture: TrainSettings = field(default_factory=dict)
+    compute_matched: bool = True
+    eval_max_tokens: int | None = 65536
+    eval_batch_size: int = 8
+    routing_max_tokens: int = 8192
+    seeds: list[int] = field(default_factory=lambda: [0])
+    add_expert: AddExpertSettings | None = None
+
+    def __post_init__(self):
+        for name in ("pretrain", "cpt", "mixture"):
+            setattr(self, name, TrainSettings.parse(getattr(self, name), name))
+        if self.add_expert is not None and not isinstance(self.add_expert, AddExpertSettings):
+            self.add_expert = _from_dict(AddExpertSettings, self.add_expert, "add_expert")
+        if self.general_domain not in self.domains:
+            raise BamError(f"general_domain={self.general_domain!r}: expected one of the domains "
+                           f"({', '.join(self.domains)})")
+        if len(self.domains) < 2:
+            raise BamError("domains: expected at least two (the general one and one expert domain)")
+        for method in self.methods:
+            if method not in MOE_METHODS:
+                raise BamError(f"methods: unknown method {method!r} (expected {', '.join(MOE_METHODS)})")
+        need(bool(self.seeds) and all(isinstance(s, int) for s in self.seeds), "seeds", self.seeds,
+             "a non-empty list of integers")
+        if self.add_expert is not None:
+            if self.add_expert.domain not in self.expert_domains:
+                raise BamError(f"add_expert.domain={self.add_expert.domain!r}: expected one of the expert "
+                               f"domains ({', '.join(self.expert_domains)})")
+            if len(self.expert_domains) < 2:
+                raise BamError("add_expert: needs at least two expert domains, one held out and one "
+                               "routed expert to build the mixture from")
+
+    @property
+    def expert_domains(self) -> list[str]:
+        return [d for d in self.domains if d != self.general_domain]
+
+    def record(self) -> dict:
+        """Every setting as PIPELINE.yaml names it (report.json's `settings`)."""
+        record = dataclasses.asdict(self)
+        for name in ("pretrain", "cpt", "mixture"):
+            record[name] = dict(getattr(self, name).values)
+        if self.add_expert is not None:
+            record["add_expert"]["finetune"] = dict(self.add_expert.finetune.values)
+        return record
+
+
+DEMO_PRESETS = {
+    # CI and smoke tests: the whole study in well under three minutes.
+    "tiny": dict(preset="tiny", vocab_size=1024, max_chars_per_domain=300_000, seq_len=128,
+                 pretrain=dict(steps=60, batch_size=8, lr=3e-3, warmup=6, save_every=30),
+                 cpt=dict(steps=30, batch_size=8, lr=1.5e-3, warmup=3, save_every=30),
+                 mixture=dict(steps=30, batch_size=8, lr=1.5e-3, warmup=3, save_every=30),
+                 add_expert=dict(domain="legal", embed_max_tokens=8192,
+                                 finetune=dict(steps=15, batch_size=8, lr=5e-4, warmup=2, save_every=15)),
+                 eval_max_tokens=8192, routing_max_tokens=2048),
+    # The default `bam demo`: about 19 minutes on a 2-core CPU (3 of them the add-expert experiment).
+    # Its corpus is the README's reference (bam.data.corpus.REFERENCE_FINGERPRINT).
+    "small": dict(preset="small", vocab_size=4096, max_chars_per_domain=REFERENCE_MAX_CHARS, seq_len=256,
+                  pretrain=dict(steps=400, batch_size=16, lr=2e-3, warmup=40, save_every=100),
+                  cpt=dict(steps=150, batch_size=16, lr=1e-3, warmup=15, save_every=50),
+                  mixture=dict(steps=150, batch_size=16, lr=1e-3, warmup=15, save_every=50),
+                  add_expert=dict(domain="legal", embed_max_tokens=32768,
+                                  finetune=dict(steps=50, batch_size=16, lr=3e-4, warmup=5, save_every=50)),
+                  eval_max_tokens=32768, routing_max_tokens=8192),
+}
+
+
+def demo_settings(preset: str, seeds: list[int] | None = None) -> StudySettings:
+    """The built-in demo's settings (`bam demo --preset PRESET [--seeds ...]`)."""
+    if preset not in DEMO_PRESETS:
+        raise BamError(f"--preset {preset!r}: expected one of {', '.join(DEMO_PRESETS)}")
+    fields = dict(DEMO_PRESETS[preset])
+    if seeds:
+        fields["seeds"] = seeds
+    return _from_dict(StudySettings, fields, "demo")
+
+
+def load_pipeline_file(path: str | Path) -> tuple[StudySettings, Path | None]:
+    """Read PIPELINE.yaml: StudySettings fields plus an optional `out`."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BamError(f"{path}: pipeline file not found") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise BamError(f"{path}: not a readable YAML file ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise BamError(f"{path}: expected a mapping of pipeline settings")
+    out = data.pop("out", None)
+    if "demo" in data:  # start from a built-in preset and override what the file names
+        base = data.pop("demo")
+        if base not in DEMO_PRESETS:
+            raise BamError(f"{path}: demo={base!r}: expected one of {', '.join(DEMO_PRESETS)}")
+        preset = dict(DEMO_PRESETS[base])
+        if "domains" in data:  # the preset's add-expert experiment is about the preset's own domains
+            preset.pop("add_expert", None)
+        data = {**preset, **data}
+    try:
+        return _from_dict(StudySettings, data, str(path)), (Path(out) if out else None)
+    except TypeError as err:
+        raise BamError(f"{path}: {err}") from None
