@@ -2,6 +2,8 @@
 
 import json
 import math
+import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -135,3 +137,25 @@ def test_report_has_the_add_expert_section_and_keeps_it_out_of_the_main_table(tm
     assert (tmp_path / "add_expert.png").stat().st_size > 0
     assert json.loads((tmp_path / "report.json").read_text())["add_expert"]["domain"] == "legal"
     assert not math.isnan(results["add_expert"]["rows"]["added"]["new_expert_share"]["mean"])
+
+
+def test_pretrain_steps_0_skips_pretraining_of_a_given_seed_model():
+    """The README's PIPELINE.yaml example: `pretrain: {steps: 0}` with `seed_model` uses the seed as is."""
+    domains = {"general": "builtin", "code": "builtin"}
+    s = StudySettings(domains=domains, seed_model="path/to/seed", pretrain={"steps": 0})
+    assert s.pretrain.steps == 0
+    with pytest.raises(BamError, match=r"pretrain: steps=0 skips pretraining, which needs seed_model"):
+        StudySettings(domains=domains, pretrain={"steps": 0})
+    with pytest.raises(BamError, match=r"cpt: .*max-steps=0: expected a positive integer"):
+        StudySettings(domains=domains, seed_model="path/to/seed", cpt={"steps": 0})
+    with pytest.raises(BamError, match=r"pretrain: .*max-steps=-1: expected a positive integer"):
+        StudySettings(domains=domains, seed_model="path/to/seed", pretrain={"steps": -1})
+
+
+def test_the_readmes_pipeline_example_is_valid(tmp_path):
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    example = re.search(r"```yaml\n(.*?)```", readme, re.S).group(1)
+    (tmp_path / "PIPELINE.yaml").write_text(example, encoding="utf-8")
+    settings, out = load_pipeline_file(tmp_path / "PIPELINE.yaml")
+    assert settings.pretrain.steps == 0 and settings.seed_model and settings.add_expert.domain == "medical"
+    assert out == Path("runs/my-study")

@@ -62,15 +62,18 @@ class TrainSettings:
     values: dict
 
     @classmethod
-    def parse(cls, section: dict | TrainSettings | None, where: str) -> TrainSettings:
+    def parse(cls, section: dict | TrainSettings | None, where: str, skippable: bool = False) -> TrainSettings:
+        """`skippable`: `steps: 0` is allowed and means the section does not train (pretrain, when
+        `seed_model` is already trained)."""
         if isinstance(section, TrainSettings):
             return section
         names = ["steps", *(f.name for f in dataclasses.fields(TrainConfig) if f.name not in STAGE_FIELDS)]
         settings = cls({**STUDY_TRAINING, **_fields(section, names, where)})
+        skipped = skippable and settings.steps == 0 and not isinstance(settings.steps, bool)
         try:
             # What each stage sets itself stands in as placeholders, so that TrainConfig checks the
             # section's values now, before any stage runs.
-            settings.config(model="", data=["stage data"], out="")
+            settings.config(model="", data=["stage data"], out="", **({"max_steps": 1} if skipped else {}))
         except BamError as err:
             raise BamError(f"{where}: {err}") from None
         return settings
@@ -147,7 +150,9 @@ class StudySettings:
 
     def __post_init__(self):
         for name in ("pretrain", "cpt", "mixture"):
-            setattr(self, name, TrainSettings.parse(getattr(self, name), name))
+            setattr(self, name, TrainSettings.parse(getattr(self, name), name, skippable=name == "pretrain"))
+        if self.pretrain.steps == 0 and self.seed_model is None:
+            raise BamError("pretrain: steps=0 skips pretraining, which needs seed_model (a trained model)")
         if self.add_expert is not None and not isinstance(self.add_expert, AddExpertSettings):
             self.add_expert = _from_dict(AddExpertSettings, self.add_expert, "add_expert")
         if self.general_domain not in self.domains:
