@@ -47,12 +47,9 @@ def _register_init(subparsers) -> None:
 
 
 def cmd_init(args) -> int:
-    import torch  # noqa: PLC0415
-
-    from bam.formats.model_dir import save_model  # noqa: PLC0415
-    from bam.modeling.model import BamForCausalLM  # noqa: PLC0415
-    from bam.modeling.presets import build_config, config_file_fields, preset_fields  # noqa: PLC0415
     from bam.data.tokenizer import load_tokenizer  # noqa: PLC0415
+    from bam.formats.model_dir import init_model  # noqa: PLC0415
+    from bam.modeling.presets import build_config, config_file_fields, preset_fields  # noqa: PLC0415
 
     tokenizer = load_tokenizer(args.tokenizer)
     if args.preset:
@@ -60,9 +57,7 @@ def cmd_init(args) -> int:
     else:
         fields, where = config_file_fields(args.config), args.config
     config = build_config(fields, tokenizer, where)
-    torch.manual_seed(args.seed)
-    model = BamForCausalLM(config)
-    save_model(model, args.out, Path(args.tokenizer))
+    model = init_model(config, args.out, Path(args.tokenizer), args.seed)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"bam init: wrote {args.out} ({n_params / 1e6:.2f}M parameters, vocab {config.vocab_size}, "
           f"{config.num_hidden_layers} layers, d={config.hidden_size})")
@@ -205,13 +200,7 @@ def _register_eval(subparsers) -> None:
 
 
 def cmd_eval(args) -> int:
-    import torch  # noqa: PLC0415
-
-    from bam.formats.model_dir import load_model  # noqa: PLC0415
-    from bam.data.shards import prepare_domain  # noqa: PLC0415
-    from bam.eval.perplexity import evaluate_domains, format_table, summary  # noqa: PLC0415
-    from bam.data.tokenizer import load_tokenizer  # noqa: PLC0415
-    from bam.train.config import default_cache_dir  # noqa: PLC0415
+    from bam.eval.perplexity import evaluate_model, format_table, summary  # noqa: PLC0415
 
     if not args.data and not args.tasks:
         raise BamError("give --data NAME=PATH ... (perplexity) and/or --tasks T1,T2 (lm-eval)")
@@ -223,24 +212,10 @@ def cmd_eval(args) -> int:
         print(json.dumps(results["results"], default=str) if args.json else format_results(results))
         if not args.data:
             return 0
-    model = load_model(args.model)
-    context = model.config.max_position_embeddings
-    if args.seq_len is not None and args.seq_len > context:  # refused before any tokenizing
-        raise BamError(f"--seq-len {args.seq_len} is beyond the model's context (max_position_embeddings={context})")
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
-    if len(tokenizer) > model.config.vocab_size:
-        # Token ids >= vocab_size would index past the embedding table.
-        raise BamError(f"tokenizer {args.tokenizer or args.model} has {len(tokenizer)} tokens, more than the "
-                       f"model's vocab_size={model.config.vocab_size}")
-    cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
-    domains = [prepare_domain(spec, tokenizer, cache, args.val_fraction, args.test_fraction) for spec in args.data]
-    names = [d.name for d in domains]
-    duplicate = first_duplicate(names)
-    if duplicate:
-        raise BamError(f"--data: domain {duplicate!r} is given twice")
-    seq_len = args.seq_len or min(model.config.max_position_embeddings, 1024)
-    model.to("cuda" if torch.cuda.is_available() else "cpu")
-    scores = evaluate_domains(model, domains, args.split, seq_len, args.batch_size, args.max_tokens)
+    scores, seq_len = evaluate_model(
+        args.model, args.data, tokenizer=args.tokenizer, cache_dir=args.cache_dir, val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction, split=args.split, seq_len=args.seq_len, batch_size=args.batch_size,
+        max_tokens=args.max_tokens)
     if args.json:
         result = {"model": str(args.model), "split": args.split, "seq_len": seq_len, **summary(scores)}
         json.dump(result, sys.stdout)

@@ -46,6 +46,12 @@ BATCH_CHARS = 4_000_000
 PROGRESS_MIN_BYTES = 32_000_000
 
 
+def default_cache_dir() -> Path:
+    """Where tokenized shards are kept unless a command is given --cache-dir: $BAM_CACHE or
+    ~/.cache/bam/tokens. Shards are keyed by their content, so every run can share one cache."""
+    return Path(os.environ.get("BAM_CACHE") or Path.home() / ".cache" / "bam" / "tokens")
+
+
 @dataclass(frozen=True)
 class SplitStats:
     tokens: int  # including one EOS per document

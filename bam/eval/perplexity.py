@@ -17,13 +17,16 @@ import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from bam.data.batches import iter_eval_batches
-from bam.data.shards import TokenizedDomain
-from bam.errors import BamError
+from bam.data.shards import TokenizedDomain, default_cache_dir, prepare_domain
+from bam.data.tokenizer import load_tokenizer
+from bam.errors import BamError, first_duplicate
+from bam.formats.model_dir import load_model
 
 # "all" scores every document of the given data (train + validation + test): for files the user
 # held out themselves.
@@ -106,6 +109,32 @@ def evaluate_domains(model, domains: Sequence[TokenizedDomain], split: str = "va
         return {d.name: evaluate_domain(model, d, split, seq_len, batch_size, max_tokens) for d in domains}
     finally:
         model.train(was_training)
+
+
+def evaluate_model(model_dir: str | Path, data: Sequence[str], *, tokenizer: str | Path | None = None,
+                   cache_dir: str | Path | None = None, val_fraction: float = 0.05, test_fraction: float = 0.0,
+                   split: str = "validation", seq_len: int | None = None, batch_size: int = 8,
+                   max_tokens: int | None = None) -> tuple[dict[str, DomainScore], int]:
+    """`bam eval`: the model directory's scores on each NAME=PATH domain of `data`, and the window
+    length used (default: min(context, 1024)). The tokenizer defaults to the model's own."""
+    model = load_model(model_dir)
+    context = model.config.max_position_embeddings
+    if seq_len is not None and seq_len > context:  # refused before any tokenizing
+        raise BamError(f"--seq-len {seq_len} is beyond the model's context (max_position_embeddings={context})")
+    tokenizer_dir = tokenizer or model_dir
+    loaded = load_tokenizer(tokenizer_dir)
+    if len(loaded) > model.config.vocab_size:
+        # Token ids >= vocab_size would index past the embedding table.
+        raise BamError(f"tokenizer {tokenizer_dir} has {len(loaded)} tokens, more than the "
+                       f"model's vocab_size={model.config.vocab_size}")
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    domains = [prepare_domain(spec, loaded, cache, val_fraction, test_fraction) for spec in data]
+    duplicate = first_duplicate(d.name for d in domains)
+    if duplicate:
+        raise BamError(f"--data: domain {duplicate!r} is given twice")
+    seq_len = seq_len or min(context, 1024)
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    return evaluate_domains(model, domains, split, seq_len, batch_size, max_tokens), seq_len
 
 
 def summary(scores: dict[str, DomainScore]) -> dict:

@@ -81,6 +81,18 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
     model.eval()
     return model
 
+
+def init_model(config: BamConfig, out: str | Path, tokenizer_dir: Path | None, seed: int):
+    """A freshly initialised BamForCausalLM(config), drawn from torch's generator seeded with `seed`,
+    saved to `out` with the tokenizer's files; returns the model (`bam init`, the study's seed)."""
+    from bam.modeling.model import BamForCausalLM  # noqa: PLC0415
+
+    torch.manual_seed(seed)
+    model = BamForCausalLM(config)
+    save_model(model, out, tokenizer_dir)
+    return model
+
+
 def copy_tokenizer(src: Path | None, dst: Path) -> None:
     if src is None:
         return

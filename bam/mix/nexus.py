@@ -329,7 +329,7 @@ def embed_domains(data: Sequence[str | DomainSpec | Domain | TokenizedDomain], s
         if isinstance(item, TokenizedDomain):
             domain = item
         else:
-            from bam.train.config import default_cache_dir  # noqa: PLC0415
+            from bam.data.shards import default_cache_dir  # noqa: PLC0415
 
             if tokenizer is None:
                 from bam.data.tokenizer import load_tokenizer  # noqa: PLC0415

@@ -25,8 +25,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from bam.data.corpus import (
     DOMAINS,
     REFERENCE_MAX_CHARS,
@@ -43,14 +41,13 @@ from bam.data.tokenizer import load_tokenizer, train_tokenizer
 from bam.errors import BamError
 from bam.eval.perplexity import evaluate_domains
 from bam.eval.routing import routing_statistics
-from bam.formats.model_dir import load_model, open_model, save_model
+from bam.formats.model_dir import init_model, load_model, open_model
 from bam.io.atomic import atomic_output_dir
 from bam.mix.add_expert import add_expert
 from bam.mix.extend import finetune_weights
 from bam.mix.mixing import mix, mixed_config
 from bam.mix.nexus import DomainEmbeddings, EmbeddingSource, embed_domains
 from bam.modeling.cost import flops_per_token, summarize
-from bam.modeling.model import BamForCausalLM
 from bam.modeling.presets import build_config, preset_fields
 from bam.study.claims import assemble
 from bam.study.report import model_label, write_report
@@ -190,9 +187,8 @@ class Study:
         if s.seed_model is None and not self.stages.done(init):
             tokenizer = load_tokenizer(self.tokenizer_dir)
             config = build_config(preset_fields(s.preset), tokenizer, f"preset {s.preset}")
-            torch.manual_seed(seed)
             with atomic_output_dir(init, overwrite=True) as tmp:
-                save_model(BamForCausalLM(config), tmp / "model", self.tokenizer_dir)
+                init_model(config, tmp / "model", self.tokenizer_dir, seed)
                 self.stages.finish(tmp, {"preset": s.preset})
         start = Path(s.seed_model) if s.seed_model else init / "model"
         weights = {d: (s.pretrain_general_weight if d == s.general_domain

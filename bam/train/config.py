@@ -4,7 +4,6 @@ fails before any work, and where tokenized shards are cached unless a run says o
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,10 +14,6 @@ from bam.errors import BamError, need
 from bam.train.optim import select_patterns
 
 DIST_MODES = ("ddp", "fsdp")
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("BAM_CACHE") or Path.home() / ".cache" / "bam" / "tokens")
 
 
 @dataclass

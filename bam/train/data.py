@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bam.data.shards import TokenizedDomain, prepare_domain
+from bam.data.shards import TokenizedDomain, default_cache_dir, prepare_domain
 from bam.data.sources import parse_domain_spec
 from bam.errors import BamError, first_duplicate
-from bam.train.config import TrainConfig, default_cache_dir
+from bam.train.config import TrainConfig
 from bam.train.distributed import Dist
 
 
