@@ -91,7 +91,8 @@ def _write_error(err: BaseException, out: Path) -> BamError | None:
         err = err.__cause__  # an inner atomic_output_dir's error: its cause is the original one
     code = getattr(err, "errno", None) if isinstance(err, OSError) else None
     if isinstance(err, SafetensorError):
-        code = next((c for c in _OUT_OF_SPACE if f"(os error {c})" in str(err)), None)
+        # "(os error N)" since safetensors 0.5; older releases print the Rust error's Debug form.
+        code = next((c for c in _OUT_OF_SPACE if f"(os error {c})" in str(err) or f"code: {c}," in str(err)), None)
     if code not in _OUT_OF_SPACE:
         return None
     error = BamError(f"{_OUT_OF_SPACE[code]} while writing {out} (the partial output was removed; "
