@@ -694,3 +694,13 @@ def test_bam_train_on_a_too_small_text_file_says_how_small(tmp_path, capsys):
                           "in 1 document; holding out 5% needs ~59 documents (~88 KB of text"), err
     assert err.rstrip().endswith("add text, raise --val-fraction, or pass --eval-every 0"), err
     assert not (tmp_path / "run" / "model").exists()
+
+
+def test_a_domain_named_twice_is_refused_before_any_is_read(tmp_path):
+    from bam.data.sources import check_unique_names, parse_domain_spec
+
+    specs = [parse_domain_spec(f"a={tmp_path / 'missing-1.txt'}"), parse_domain_spec(f"b={tmp_path / 'x.txt'}"),
+             parse_domain_spec(f"a={tmp_path / 'missing-2.txt'}")]
+    check_unique_names(s.name for s in specs[:2])
+    with pytest.raises(BamError, match=r"^--data: domain 'a' is given twice$"):
+        check_unique_names(s.name for s in specs)

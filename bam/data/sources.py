@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bam.errors import BamError, first_line
+from bam.errors import BamError, first_duplicate, first_line
 
 # Plain-text files a directory source picks up; files without a suffix (README, LICENSE) count too.
 TEXT_SUFFIXES = frozenset({".txt", ".md", ".rst", ".py"})
@@ -59,6 +59,13 @@ class DomainSpec:
     path: str
     weight: float = 1.0
     field: str | None = None
+
+
+def check_unique_names(names: Iterable[str]) -> None:
+    """Refuse a domain named twice among the --data items, before any of them is read."""
+    duplicate = first_duplicate(names)
+    if duplicate:
+        raise BamError(f"--data: domain {duplicate!r} is given twice")
 
 
 def parse_domain_spec(spec: str) -> DomainSpec:

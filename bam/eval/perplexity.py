@@ -24,8 +24,9 @@ import torch.nn.functional as F
 
 from bam.data.batches import iter_eval_batches
 from bam.data.shards import TokenizedDomain, default_cache_dir, prepare_domain
+from bam.data.sources import check_unique_names, parse_domain_spec
 from bam.data.tokenizer import load_tokenizer
-from bam.errors import BamError, first_duplicate
+from bam.errors import BamError
 from bam.formats.model_dir import load_model
 
 # "all" scores every document of the given data (train + validation + test): for files the user
@@ -127,11 +128,10 @@ def evaluate_model(model_dir: str | Path, data: Sequence[str], *, tokenizer: str
         # Token ids >= vocab_size would index past the embedding table.
         raise BamError(f"tokenizer {tokenizer_dir} has {len(loaded)} tokens, more than the "
                        f"model's vocab_size={model.config.vocab_size}")
+    specs = [parse_domain_spec(spec) for spec in data]
+    check_unique_names(spec.name for spec in specs)  # before any domain is tokenized
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    domains = [prepare_domain(spec, loaded, cache, val_fraction, test_fraction) for spec in data]
-    duplicate = first_duplicate(d.name for d in domains)
-    if duplicate:
-        raise BamError(f"--data: domain {duplicate!r} is given twice")
+    domains = [prepare_domain(spec, loaded, cache, val_fraction, test_fraction) for spec in specs]
     seq_len = seq_len or min(context, 1024)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     return evaluate_domains(model, domains, split, seq_len, batch_size, max_tokens), seq_len

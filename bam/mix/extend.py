@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from bam.data.sources import parse_domain_spec
-from bam.errors import BamError, first_duplicate
+from bam.data.sources import check_unique_names, parse_domain_spec
+from bam.errors import BamError
 from bam.formats.model_dir import open_model
 from bam.io.atomic import atomic_output_dir
 from bam.mix.add_expert import add_expert
@@ -51,9 +51,7 @@ def extend_mixture(moe: str | Path, new: str | Path, domain: str, out: str | Pat
     """
     moe_source = open_model(moe)
     names = [parse_domain_spec(spec).name for spec in data]
-    duplicate = first_duplicate(names)
-    if duplicate:
-        raise BamError(f"--data: domain {duplicate!r} is given twice")
+    check_unique_names(names)
     specs = dict(zip(names, data))
     out = Path(out)
     if out.exists() and not overwrite:

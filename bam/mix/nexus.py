@@ -37,8 +37,8 @@ from safetensors.torch import save_file
 
 from bam.data.batches import iter_eval_batches
 from bam.data.shards import TokenizedDomain, document_split
-from bam.data.sources import Domain, DomainSpec, parse_domain_spec
-from bam.errors import BamError, first_duplicate
+from bam.data.sources import Domain, DomainSpec, check_unique_names, parse_domain_spec
+from bam.errors import BamError
 
 EMBEDDING_METHODS = ("hidden-mean", "sentence-model")
 FILE_FORMAT = 1
@@ -304,9 +304,7 @@ def embed_domains(data: Sequence[str | DomainSpec | Domain | TokenizedDomain], s
     tokenize `NAME=PATH` specs and Domains; prepared TokenizedDomains are used as they are.
     """
     names = [domain_name(item) for item in data]
-    duplicate = first_duplicate(names)
-    if duplicate:
-        raise BamError(f"--data: domain {duplicate!r} is given twice")
+    check_unique_names(names)
     if not source.model and (source.method == "sentence-model" or model is None):
         raise BamError("embedding source names no model directory")
     vectors = {}

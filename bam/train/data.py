@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from bam.data.shards import TokenizedDomain, default_cache_dir, prepare_domain
-from bam.data.sources import parse_domain_spec
-from bam.errors import BamError, first_duplicate
+from bam.data.sources import check_unique_names, parse_domain_spec
+from bam.errors import BamError
 from bam.train.config import TrainConfig
 from bam.train.distributed import Dist
 
@@ -32,9 +32,7 @@ def prepare_domains(cfg: TrainConfig, tokenizer, env: Dist) -> tuple[list[Tokeni
     cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     items = [parse_domain_spec(d) if isinstance(d, str) else d for d in cfg.data]
     names = [item.name for item in items]
-    duplicate = first_duplicate(names)
-    if duplicate:
-        raise BamError(f"--data: domain {duplicate!r} is given twice")
+    check_unique_names(names)
     unknown = sorted(set(cfg.data_weights) - set(names))
     if unknown:
         raise BamError(f"data weight for {unknown[0]!r}: no such domain among {', '.join(names)}")
