@@ -15,8 +15,8 @@ from safetensors.torch import load_file, save_file
 from bam.formats.model_dir import load_model, open_model, save_model
 from bam.cli import main
 from bam.mix.mixing import mixed_config
-from bam.mix.rules import new_router
-from bam.modeling.layout import parameter_shapes
+from bam.mix.rules import METHODS, NEXUS_METHODS, new_router, tensor_rule
+from bam.modeling.layout import parameter_shapes, parameters
 from bam.mix.nexus import DomainEmbeddings
 
 TOKENS = torch.randint(0, 128, (2, 13), generator=torch.Generator().manual_seed(7))
@@ -388,6 +388,31 @@ def test_parameter_shapes_match_the_model(variant, tiny_config):
     shapes = parameter_shapes(config)
     assert shapes == stored
     assert list(shapes) == [name for name, _ in model.named_parameters()]  # the order mix writes them in
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_rule_gives_the_shape_the_layout_table_declares(method, tiny_config):
+    """The rules pick by role, the shapes come from the table: a stack over n sources has n times
+    the source's size along the tensor's expert dim, everything taken from the sources keeps its
+    shape, and a new tensor (router, Nexus embeddings) is one the dense sources lack."""
+    dense = tiny_config(qkv_bias=True)
+    n = 3
+    domains = _domains(n) if method in NEXUS_METHODS else None
+    config = mixed_config(dense, method, n, top_k=2, domain_embeddings=domains)
+    source_shapes = parameter_shapes(dense)
+    for param in parameters(config):
+        rule = tensor_rule(param, method)
+        if rule.kind in ("stack", "repeat"):
+            # Nexus stacks the domain experts' FFNs, and the attention of all of them, seed included
+            expected = list(source_shapes[param.name])
+            expected[rule.dim] *= n + 1 if method in NEXUS_METHODS and not rule.routed_only else n
+            assert param.shape == tuple(expected), param.name
+        elif rule.kind in ("average", "copy"):
+            assert param.shape == source_shapes[param.name], param.name
+        elif rule.kind == "shared_expert":  # the seed's one expert, without the expert dim
+            assert (1, *param.shape) == source_shapes[param.name.replace("shared_expert", "experts")]
+        else:
+            assert rule.kind in ("router", "domain_embeddings") and param.name not in source_shapes, param.name
 
 
 def test_mixing_does_not_import_the_model(tiny_config, random_model, tmp_path):

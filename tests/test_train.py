@@ -207,7 +207,7 @@ def test_train_only_groups_and_decay(assets, tmp_path, capsys):
     assert no_decay == {n for n in names.values() if n.endswith("norm.weight") or n.endswith("router.weight")}
 
     with pytest.raises(BamError, match="unknown group 'rooters'"):
-        optim.select_patterns("rooters")
+        optim.parse_train_only("rooters")
     assert main(["train", str(assets.seed), *common_args(assets, tmp_path / "r"), "--train-only", "routers"]) == 2
     assert "matches no parameter" in capsys.readouterr().err
     assert not (tmp_path / "r" / "model").exists()

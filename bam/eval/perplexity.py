@@ -121,7 +121,7 @@ def evaluate_model(model_dir: str | Path, data: Sequence[str], *, tokenizer: str
     model = load_model(model_dir)
     context = model.config.max_position_embeddings
     if seq_len is not None and seq_len > context:  # refused before any tokenizing
-        raise BamError(f"--seq-len {seq_len} is beyond the model's context (max_position_embeddings={context})")
+        raise BamError(f"seq_len={seq_len} is beyond the model's context (max_position_embeddings={context})")
     tokenizer_dir = tokenizer or model_dir
     loaded = load_tokenizer(tokenizer_dir)
     if len(loaded) > model.config.vocab_size:

@@ -39,13 +39,14 @@ import transformers
 from transformers import AutoModelForCausalLM, PreTrainedConfig
 from transformers.utils import logging as hf_logging
 
+from bam.formats.names import DENSE_MLP, LLAMA_NAMES, MOE_MLP, hf_name
 from bam.formats.model_dir import copy_tokenizer, load_model, open_model
 from bam.formats.source import ModelSource
 from bam.io.atomic import atomic_output_dir
 from bam.io.tensor_files import StreamingSafetensorsWriter, WEIGHTS_NAME
 from bam.modeling.config import BamConfig
 from bam.errors import BamError
-from bam.modeling.layout import parameter_shapes
+from bam.modeling.layout import parameter_shapes, parameters
 
 STANDARD_FORMATS = ("mixtral", "qwen2_moe", "olmoe", "llama")
 FORMATS = STANDARD_FORMATS + ("hf",)
@@ -176,45 +177,40 @@ def _same(name: str) -> Producer:
 
 
 def tensor_plan(config: BamConfig, fmt: str, dtype: torch.dtype) -> dict[str, Producer]:
-    """Target tensor name -> how to make it from ours (see the module docstring for the layouts)."""
+    """Target tensor name -> how to make it from ours (see the module docstring for the layouts).
+
+    Every tensor the Llama naming renames (embeddings, norms, attention, LM head) is copied under
+    its name in bam/formats/names.py; the FFN of each layer is rebuilt per format below.
+    """
     d, f = config.hidden_size, config.intermediate_size
 
     def zeros(*shape: int) -> Producer:
         return (), lambda: torch.zeros(shape, dtype=dtype)
 
-    plan = {"model.embed_tokens.weight": _same("model.embed_tokens.weight")}
+    plan = {hf_name(param): _same(param.name) for param in parameters(config) if param.local in LLAMA_NAMES}
     for i in range(config.num_hidden_layers):
         ours = theirs = f"model.layers.{i}."
-        plan[theirs + "input_layernorm.weight"] = _same(ours + "input_norm.weight")
-        plan[theirs + "post_attention_layernorm.weight"] = _same(ours + "post_attention_norm.weight")
-        for proj in ("q", "k", "v"):
-            plan[theirs + f"self_attn.{proj}_proj.weight"] = _same(ours + f"attn.{proj}_proj.weight")
-            if config.qkv_bias:
-                plan[theirs + f"self_attn.{proj}_proj.bias"] = _same(ours + f"attn.{proj}_proj.bias")
-        plan[theirs + "self_attn.o_proj.weight"] = _same(ours + "attn.o_proj.weight")
         gate_up, down = ours + "ffn.experts.gate_up_proj", ours + "ffn.experts.down_proj"
         if fmt == "llama":
             if config.qkv_bias:  # Llama's attention_bias also puts a bias on o_proj: make it zero
                 plan[theirs + "self_attn.o_proj.bias"] = zeros(d)
-            plan[theirs + "mlp.gate_proj.weight"] = (gate_up,), lambda t: t[0, :f]
-            plan[theirs + "mlp.up_proj.weight"] = (gate_up,), lambda t: t[0, f:]
-            plan[theirs + "mlp.down_proj.weight"] = (down,), lambda t: t[0]
+            gate, up = DENSE_MLP["ffn.experts.gate_up_proj"]
+            plan[theirs + gate] = (gate_up,), lambda t: t[0, :f]
+            plan[theirs + up] = (gate_up,), lambda t: t[0, f:]
+            plan[theirs + DENSE_MLP["ffn.experts.down_proj"][0]] = (down,), lambda t: t[0]
             continue
-        router = ours + "ffn.router."
+        router, gate = ours + "ffn.router.", theirs + MOE_MLP["ffn.router.weight"]
         if config.ffn_router == "nexus":
             nexus = (router + "domain_embeddings", router + "gate_up_proj", router + "down_proj")
-            plan[theirs + "mlp.gate.weight"] = nexus, lambda *t: nexus_router_weight(config, *t)
+            plan[gate] = nexus, lambda *t: nexus_router_weight(config, *t)
         elif config.n_ffn_experts > 1:
-            plan[theirs + "mlp.gate.weight"] = _same(router + "weight")
+            plan[gate] = _same(router + "weight")
         else:  # a dense model has no router: one expert with a zero gate row gets probability 1, as ours
-            plan[theirs + "mlp.gate.weight"] = zeros(1, d)
-        plan[theirs + "mlp.experts.gate_up_proj"] = _same(gate_up)
-        plan[theirs + "mlp.experts.down_proj"] = _same(down)
+            plan[gate] = zeros(1, d)
+        plan[theirs + MOE_MLP["ffn.experts.gate_up_proj"]] = _same(gate_up)
+        plan[theirs + MOE_MLP["ffn.experts.down_proj"]] = _same(down)
         if fmt == "qwen2_moe":
             plan.update(_qwen2_moe_shared_expert(config, ours + "ffn.shared_expert.", theirs + "mlp.", zeros))
-    plan["model.norm.weight"] = _same("model.norm.weight")
-    if not config.tie_word_embeddings:
-        plan["lm_head.weight"] = _same("lm_head.weight")
     return plan
 
 

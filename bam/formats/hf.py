@@ -12,15 +12,17 @@ and projection biases, partial rotary embeddings); the error lists each missing 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, PreTrainedConfig
 
+from bam.formats.names import DENSE_MLP, LLAMA_NAMES, hf_name, layer_prefix
 from bam.formats.source import ModelSource
 from bam.io.tensor_files import SafetensorsFiles
 from bam.modeling.config import config_from_dict
+from bam.modeling.layout import Param, parameter_table
 from bam.errors import BamError
 
 SEQUENTIAL_FAMILIES = ("llama", "mistral", "qwen2")
@@ -127,39 +129,15 @@ def interleaved_to_half_rope(weight: torch.Tensor, head_dim: int) -> torch.Tenso
     return rows[:, perm].reshape(weight.shape)
 
 
-def tensor_map(family: str, config: dict) -> dict[str, Callable[[Callable[[str], torch.Tensor]], torch.Tensor]]:
-    """Our tensor name -> function of the HF reader producing our tensor."""
-    head_dim = config["head_dim"]
-    rope_fix = (lambda w: interleaved_to_half_rope(w, head_dim)) if family == "cohere" else (lambda w: w)
-    plain = lambda hf_name, fix=(lambda w: w): lambda read: fix(read(hf_name))  # noqa: E731
-
-    mapping = {"model.embed_tokens.weight": plain("model.embed_tokens.weight"),
-               "model.norm.weight": plain("model.norm.weight")}
-    for i in range(config["num_hidden_layers"]):
-        ours, theirs = f"model.layers.{i}.", f"model.layers.{i}."
-        mapping[ours + "input_norm.weight"] = plain(theirs + "input_layernorm.weight")
-        if config["block"] == "sequential":
-            mapping[ours + "post_attention_norm.weight"] = plain(theirs + "post_attention_layernorm.weight")
-        for proj in ("q", "k", "v"):
-            fix = rope_fix if proj in ("q", "k") else (lambda w: w)
-            mapping[ours + f"attn.{proj}_proj.weight"] = plain(theirs + f"self_attn.{proj}_proj.weight", fix)
-            if config.get("qkv_bias"):
-                mapping[ours + f"attn.{proj}_proj.bias"] = plain(theirs + f"self_attn.{proj}_proj.bias", fix)
-        mapping[ours + "attn.o_proj.weight"] = plain(theirs + "self_attn.o_proj.weight")
-        mapping[ours + "ffn.experts.gate_up_proj"] = (
-            lambda read, p=theirs: torch.cat(list(gate_up_parts(read, p)))[None]
-        )
-        mapping[ours + "ffn.experts.down_proj"] = (lambda read, p=theirs: read(p + "mlp.down_proj.weight")[None])
-    if not config["tie_word_embeddings"]:
-        mapping["lm_head.weight"] = plain("lm_head.weight")
-    return mapping
+# Cohere's interleaved RoPE rotates the rows of these tensors (see interleaved_to_half_rope).
+ROTARY_TENSORS = ("attn.q_proj.weight", "attn.q_proj.bias", "attn.k_proj.weight", "attn.k_proj.bias")
 
 
-def gate_up_parts(read: Callable[[str], torch.Tensor], prefix: str) -> Iterator[torch.Tensor]:
-    """Our one-expert `gate_up_proj` [1, 2*d_ff, d] as its two stored pieces, gate rows first,
-    read one at a time (a writer can append them without the concatenation)."""
-    yield read(prefix + "mlp.gate_proj.weight")
-    yield read(prefix + "mlp.up_proj.weight")
+def hf_tensor_names(param: Param) -> tuple[str, ...]:
+    """The checkpoint tensors that make our `param`, in order (bam/formats/names.py)."""
+    if param.local in DENSE_MLP:
+        return tuple(layer_prefix(param) + name for name in DENSE_MLP[param.local])
+    return (hf_name(param, LLAMA_NAMES),)
 
 
 def open_hf_model(path: Path, config_dict: dict, tokenizer_dir: Path | None) -> ModelSource:
@@ -175,18 +153,24 @@ def open_hf_model(path: Path, config_dict: dict, tokenizer_dir: Path | None) -> 
     config = config_from_dict({"model_type": "bam", **fields}, path / "config.json")
     files = SafetensorsFiles(path)
     available = set(files.names())
-    mapping = tensor_map(family, fields)
+    table = parameter_table(config)
 
-    def read(hf_name: str) -> torch.Tensor:
-        if hf_name not in available:
-            raise BamError(f"{path}: tensor {hf_name} missing from the {family} checkpoint")
-        return files.get(hf_name)
+    def read_parts(name: str) -> Iterator[torch.Tensor]:
+        """Our tensor `name` as the checkpoint's pieces, read one at a time: row blocks that
+        concatenate into it (a dense MLP's gate and up matrices are our one expert's gate_up_proj)."""
+        param = table[name]
+        for hf_name_ in hf_tensor_names(param):
+            if hf_name_ not in available:
+                raise BamError(f"{path}: tensor {hf_name_} missing from the {family} checkpoint")
+            tensor = files.get(hf_name_)
+            if family == "cohere" and param.local in ROTARY_TENSORS:
+                tensor = interleaved_to_half_rope(tensor, config.head_dim)
+            yield tensor
 
-    def read_parts(name: str) -> Iterable[torch.Tensor]:
-        if name.endswith(".ffn.experts.gate_up_proj") and name in mapping:
-            # "model.layers.{i}." prefixes the tensor in both namings
-            return gate_up_parts(read, name.removesuffix("ffn.experts.gate_up_proj"))
-        return [mapping[name](read)]
+    def read_tensor(name: str) -> torch.Tensor:
+        pieces = list(read_parts(name))
+        tensor = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        # A dense checkpoint's MLP is our one expert: [2F, D] -> [1, 2F, D], [D, F] -> [1, D, F]
+        return tensor[None] if table[name].role == "ffn_experts" else tensor
 
-    return ModelSource(path, family, config, list(mapping), lambda name: mapping[name](read), tokenizer_dir,
-                       read_parts=read_parts)
+    return ModelSource(path, family, config, list(table), read_tensor, tokenizer_dir, read_parts=read_parts)

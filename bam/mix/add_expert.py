@@ -28,7 +28,7 @@ from bam.mix.mixing import (
 from bam.mix.provenance import read_provenance, write_provenance
 from bam.mix.rules import added_tensor_rule, average, new_router
 from bam.modeling.config import BamConfig, config_from_dict
-from bam.modeling.layout import parameter_shapes
+from bam.modeling.layout import Param, parameter_shapes, parameters
 
 
 def grown_config(config: BamConfig, domain: str, linear_router: bool = False) -> BamConfig:
@@ -122,8 +122,7 @@ def add_expert(moe: str | Path | ModelSource, new: str | Path | ModelSource, dom
     dtype = source_dtype(moe)
     new_config.dtype = dtype
     moe_shapes, new_shapes = parameter_shapes(config), parameter_shapes(new.config)
-    output_shapes = parameter_shapes(new_config)
-    names = list(output_shapes)
+    outputs = parameters(new_config)
 
     def read(source: ModelSource, name: str) -> torch.Tensor:
         tensor = source.tensor(name)
@@ -132,8 +131,8 @@ def add_expert(moe: str | Path | ModelSource, new: str | Path | ModelSource, dom
             raise BamError(f"{source.path}: tensor {name} has shape {tuple(tensor.shape)}, expected {expected}")
         return tensor.to(dtype)
 
-    def output_tensor(name: str) -> torch.Tensor:
-        rule = added_tensor_rule(name, config)
+    def output_tensor(param: Param) -> torch.Tensor:
+        name, rule = param.name, added_tensor_rule(param, config)
         if rule.kind == "keep":
             return read(moe, name)
         if rule.kind == "append_embedding":
@@ -141,9 +140,9 @@ def add_expert(moe: str | Path | ModelSource, new: str | Path | ModelSource, dom
         if rule.kind == "router_row":
             # No old linear router: the mixture had a Nexus one (reset), or a single routed expert,
             # which needs no router (bam/modeling/moe.py).
-            if name not in moe_shapes or (reset_router and ".ffn." in name):
-                return new_router(name, output_shapes[name], std, seed, dtype)
-            row = new_router(f"{name}/added/{domain}", (1, output_shapes[name][1]), std, seed, dtype)
+            if name not in moe_shapes or (reset_router and param.role == "ffn_router"):
+                return new_router(name, param.shape, std, seed, dtype)
+            row = new_router(f"{name}/added/{domain}", (1, param.shape[1]), std, seed, dtype)
             return torch.cat([read(moe, name), row])
         if rule.kind == "append":
             return torch.cat([read(moe, name), read(new, name)], dim=rule.dim)
@@ -151,10 +150,10 @@ def add_expert(moe: str | Path | ModelSource, new: str | Path | ModelSource, dom
 
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         new_config.save_pretrained(tmp)
-        specs = {name: (dtype, output_shapes[name]) for name in names}
+        specs = {param.name: (dtype, param.shape) for param in outputs}
         with StreamingSafetensorsWriter(tmp / WEIGHTS_NAME, specs) as writer:
-            for name in tqdm(names, desc="bam add-expert", unit="tensor", disable=progress_disabled(progress)):
-                writer.write(name, output_tensor(name))
+            for param in tqdm(outputs, desc="bam add-expert", unit="tensor", disable=progress_disabled(progress)):
+                writer.write(param.name, output_tensor(param))
         copy_tokenizer(moe.tokenizer_dir, tmp)
         provenance = read_provenance(moe.path)
         provenance.setdefault("added_experts", []).append({

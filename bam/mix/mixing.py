@@ -31,7 +31,7 @@ from bam.mix.nexus import DomainEmbeddings
 from bam.mix.provenance import write_provenance
 from bam.mix.rules import METHODS, NEXUS_METHODS, average, new_router, stack, tensor_rule
 from bam.modeling.config import BamConfig, config_from_dict
-from bam.modeling.layout import parameter_shapes
+from bam.modeling.layout import Param, parameter_shapes, parameters
 
 # Load-balancing coefficient the Nexus paper trains with (METHOD.md 3.1); btx/bam keep the dense
 # config's (0.01 by default). `bam train --aux-loss-coef` overrides either.
@@ -256,7 +256,7 @@ def mix(sources: Sequence[ModelSource], method: str, out: str | Path, *, top_k: 
     config.dtype = dtype
 
     input_shapes = parameter_shapes(sources[0].config)
-    output_shapes = parameter_shapes(config)
+    outputs = parameters(config)
     if weights is not None:
         weights = [float(w) / sum(weights) for w in weights]
 
@@ -280,13 +280,13 @@ def mix(sources: Sequence[ModelSource], method: str, out: str | Path, *, top_k: 
             raise BamError(f"tensor {name} has {math.prod(expected) - left} values in {source.path} but "
                            f"{math.prod(expected)} (shape {expected}) in {sources[0].path}")
 
-    def output(name: str) -> torch.Tensor | Iterable[torch.Tensor]:
-        """The output tensor `name`, or for dim-0 stacks its row blocks, which the writer appends
+    def output(param: Param) -> torch.Tensor | Iterable[torch.Tensor]:
+        """The output tensor `param`, or for dim-0 stacks its row blocks, which the writer appends
         one after another: expert j's rows follow expert j-1's in the file, so the stacked tensor
         (and, for imported Llama experts, the gate/up concatenation) is never built in memory."""
-        rule = tensor_rule(name, method)
+        name, rule = param.name, tensor_rule(param, method)
         if rule.kind == "router":
-            return new_router(name, output_shapes[name], router_init_std, seed, dtype)
+            return new_router(name, param.shape, router_init_std, seed, dtype)
         if rule.kind == "copy":
             return read(sources[0], name).to(dtype)
         if rule.kind == "repeat":
@@ -305,10 +305,10 @@ def mix(sources: Sequence[ModelSource], method: str, out: str | Path, *, top_k: 
 
     with atomic_output_dir(out, overwrite=overwrite) as tmp, _one_compute_thread():
         config.save_pretrained(tmp)
-        specs = {name: (dtype, shape) for name, shape in output_shapes.items()}
+        specs = {param.name: (dtype, param.shape) for param in outputs}
         with StreamingSafetensorsWriter(tmp / WEIGHTS_NAME, specs) as writer:
-            for name in tqdm(specs, desc=f"bam mix ({method})", unit="tensor", disable=progress_disabled(progress)):
-                writer.write(name, output(name))
+            for param in tqdm(outputs, desc=f"bam mix ({method})", unit="tensor", disable=progress_disabled(progress)):
+                writer.write(param.name, output(param))
         tokenizer_source = next((s for s in sources if s.tokenizer_dir is not None), None)
         copy_tokenizer(tokenizer_source.tokenizer_dir if tokenizer_source else None, tmp)
         provenance = {

@@ -1,7 +1,8 @@
 """Per-tensor rules: which function builds each output tensor of a mix, and the pure functions
 that implement them (METHOD.md section 3).
 
-Every output tensor is a pure function of the same-named tensors of the dense sources:
+Every output tensor is a pure function of the same-named tensors of the dense sources, chosen by
+its role in the parameter layout (bam/modeling/layout.py):
 
     tensor                        btx       bam       bam-shared   upcycle (one source)
     ffn experts (gate_up, down)   stack     stack     stack        repeat N times
@@ -38,6 +39,7 @@ import torch
 
 from bam.errors import BamError
 from bam.modeling.config import BamConfig
+from bam.modeling.layout import Param
 
 NEXUS_METHODS = ("nexus", "nexus-bam", "nexus-bam-shared")
 METHODS = ("btx", "bam", "bam-shared", "upcycle", *NEXUS_METHODS)
@@ -52,38 +54,37 @@ class Rule:
     routed_only: bool = False  # "stack" over the domain experts only (Nexus: not the seed)
 
 
-# Attention tensors each method keeps per expert, and the dim experts are stacked along: rows for
-# the input projections ([H*Dh, d] -> [N*H*Dh, d]), columns for the output projection.
-STACKED_ATTENTION = {
-    "bam": {"q_proj.weight": 0, "q_proj.bias": 0, "k_proj.weight": 0, "k_proj.bias": 0,
-            "v_proj.weight": 0, "v_proj.bias": 0, "o_proj.weight": 1},
-    "bam-shared": {"q_proj.weight": 0, "q_proj.bias": 0, "o_proj.weight": 1},
+# The attention roles (bam/modeling/layout.py) each method keeps per expert, stacked along the
+# tensor's expert dimension: rows of the input projections ([H*A, D] -> [E*H*A, D]), columns of
+# the output projection. Every other attention tensor is averaged.
+PER_EXPERT_ATTENTION = {
+    "bam": ("attn_query", "attn_key_value"),
+    "bam-shared": ("attn_query",),
 }
-STACKED_ATTENTION["nexus-bam"] = STACKED_ATTENTION["bam"]
-STACKED_ATTENTION["nexus-bam-shared"] = STACKED_ATTENTION["bam-shared"]
+PER_EXPERT_ATTENTION["nexus-bam"] = PER_EXPERT_ATTENTION["bam"]
+PER_EXPERT_ATTENTION["nexus-bam-shared"] = PER_EXPERT_ATTENTION["bam-shared"]
 
 
-def tensor_rule(name: str, method: str) -> Rule:
-    """How output tensor `name` is built under `method` (the table in this module's docstring)."""
-    if name.endswith(".router.weight"):
+def tensor_rule(param: Param, method: str) -> Rule:
+    """How output tensor `param` is built under `method` (the table in this module's docstring)."""
+    if param.role in ("attn_router", "ffn_router", "nexus_projection"):  # new, like any router
         return Rule("router")
-    if name.endswith(".ffn.router.domain_embeddings"):
+    if param.role == "domain_embeddings":
         return Rule("domain_embeddings")
-    if ".ffn.router." in name:  # the Nexus projection W1, W2: new, like any router
-        return Rule("router")
-    if ".ffn.shared_expert." in name:
+    if param.role == "shared_expert":
         return Rule("shared_expert")
-    if ".ffn.experts." in name:
-        return Rule("repeat" if method == "upcycle" else "stack", 0, routed_only=method in NEXUS_METHODS)
+    if param.role == "ffn_experts":
+        kind = "repeat" if method == "upcycle" else "stack"
+        return Rule(kind, param.expert_dim, routed_only=method in NEXUS_METHODS)
     if method == "upcycle":
         return Rule("copy")
-    _, found, leaf = name.rpartition(".attn.")
-    dim = STACKED_ATTENTION.get(method, {}).get(leaf) if found else None
-    return Rule("average") if dim is None else Rule("stack", dim)
+    if param.role in PER_EXPERT_ATTENTION.get(method, ()):
+        return Rule("stack", param.expert_dim)
+    return Rule("average")
 
 
-def added_tensor_rule(name: str, config: BamConfig) -> Rule:
-    """How tensor `name` of a mixture with config `config` grows when one dense expert is appended.
+def added_tensor_rule(param: Param, config: BamConfig) -> Rule:
+    """How tensor `param` of a mixture with config `config` grows when one dense expert is appended.
 
         FFN experts; q/o of attention experts (k/v too with KV experts)  append the new model's slice
         Nexus domain embeddings                                         append the new domain's vector
@@ -91,19 +92,16 @@ def added_tensor_rule(name: str, config: BamConfig) -> Rule:
         linear FFN router, attention router                             append a new row
         everything else (k/v too with KV sharing)                       merge (1 - λ) * moe + λ * new
     """
-    if name.endswith(".ffn.router.domain_embeddings"):
+    if param.role == "domain_embeddings":
         return Rule("append_embedding")
-    if name.endswith(".router.weight"):
+    if param.role in ("attn_router", "ffn_router"):
         return Rule("router_row")
-    if ".ffn.router." in name or ".ffn.shared_expert." in name:
+    if param.role in ("nexus_projection", "shared_expert"):
         return Rule("keep")
-    if ".ffn.experts." in name:
-        return Rule("append", 0)
-    _, found, leaf = name.rpartition(".attn.")
-    if found and config.n_attn_experts > 1:
-        dim = STACKED_ATTENTION["bam-shared" if config.kv_shared else "bam"].get(leaf)
-        if dim is not None:
-            return Rule("append", dim)
+    if param.role == "ffn_experts":
+        return Rule("append", param.expert_dim)
+    if config.n_attn_experts > 1 and param.role in PER_EXPERT_ATTENTION["bam-shared" if config.kv_shared else "bam"]:
+        return Rule("append", param.expert_dim)
     return Rule("merge")
 
 

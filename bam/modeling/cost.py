@@ -7,7 +7,7 @@ domain-embedding and projection widths. q = H*Dh and kv = H_kv*Dh are
 one expert's query and key/value widths; with multi-head attention and Dh = d/H both equal d, which
 is how METHOD.md writes the formulas.
 
-Parameters
+Parameters (counted from the parameter layout table, bam/modeling/layout.py)
 - total: every stored parameter; a tied LM head is the embedding and is counted once.
 - active (per token): the parameters a token touches. Of the E FFN experts only the k it is routed
   to count; every attention expert counts, because soft routing runs all of them (the top-k
@@ -36,6 +36,7 @@ KV-cache bytes per token: L * 2 (K and V) * Nkv * H_kv * Dh * dtype_bytes.
 from __future__ import annotations
 
 from bam.modeling.config import BamConfig
+from bam.modeling.layout import layer_parameters, parameters
 
 TRAINING_FLOPS_FACTOR = 3  # backward costs about twice the forward
 
@@ -52,36 +53,27 @@ def _kv_width(config: BamConfig) -> int:
 # Parameters
 
 
+# Which part of a layer's parameter count each role of the layout (bam/modeling/layout.py) is.
+_COST_PART = {"norm": "norms", "attn_query": "attention", "attn_key_value": "attention",
+              "attn_router": "attn_router", "ffn_router": "ffn_router", "nexus_projection": "ffn_router",
+              "domain_embeddings": "ffn_router", "ffn_experts": "ffn", "shared_expert": "shared_expert"}
+
+
 def layer_params(config: BamConfig, active: bool = False) -> dict[str, int]:
-    """Parameters of one layer by part; `active` counts only the top-k FFN experts."""
-    d, na, nkv = config.hidden_size, config.n_attn_experts, config.n_kv_experts
-    q, kv = _query_width(config), _kv_width(config)
-    attention = d * (na * q + 2 * nkv * kv) + na * q * d  # q, k, v, then o
-    if config.qkv_bias:
-        attention += na * q + 2 * nkv * kv
-    ffn_experts = config.ffn_top_k if active else config.n_ffn_experts
-    return {
-        "norms": d * (1 if config.block == "parallel" else 2),
-        "attention": attention,
-        "attn_router": na * d if na > 1 else 0,
-        "ffn_router": ffn_router_params(config),
-        "ffn": ffn_experts * 3 * d * config.intermediate_size,
-        "shared_expert": 3 * d * config.intermediate_size if config.ffn_shared_expert else 0,
-    }
-
-
-def ffn_router_params(config: BamConfig) -> int:
-    e, d = config.n_ffn_experts, config.hidden_size
-    if config.ffn_router == "nexus":
-        m, h = config.nexus_embed_dim, config.nexus_hidden_dim
-        return e * m + 2 * h * m + d * h  # domain embeddings, W1, W2
-    return e * d if e > 1 else 0
+    """Parameters of one layer by part, counted from the layout table; `active` counts only the
+    top-k of the routed FFN experts."""
+    parts = dict.fromkeys(("norms", "attention", "attn_router", "ffn_router", "ffn", "shared_expert"), 0)
+    for param in layer_parameters(config, 0):
+        n = param.numel()
+        if active and param.role == "ffn_experts":
+            n = n // config.n_ffn_experts * config.ffn_top_k
+        parts[_COST_PART[param.role]] += n
+    return parts
 
 
 def embedding_params(config: BamConfig) -> int:
     """Embedding, LM head (unless tied to the embedding) and the final norm."""
-    tables = 1 if config.tie_word_embeddings else 2
-    return tables * config.vocab_size * config.hidden_size + config.hidden_size
+    return sum(param.numel() for param in parameters(config) if param.layer is None)
 
 
 def params_total(config: BamConfig) -> int:

@@ -1,54 +1,151 @@
-"""The parameter layout of a BamConfig: every tensor's name and shape.
+"""The parameter layout of a BamConfig: every tensor's name, shape and role, as one table.
 
-This is the one place the layout is written out as a table: code that needs the tensors of a
-model it has not built (mixing, adding an expert, export) reads them here rather than spelling
-the names out again. The arrangement inside each tensor (expert-major stacking, the fused
-gate/up projection) is the one bam/modeling/config.py describes.
+This is the one place the layout is written out. Code that needs the tensors of a model it has not
+built reads them here: mixing and adding an expert (which rule builds each tensor follows from its
+role, bam/mix/rules.py), import and export (each Hugging Face family names the roles' tensors in
+its own conversion map, bam/formats/names.py), training (which parameters decay, which never
+train, the `--train-only` groups: bam/train/optim.py) and the cost model (bam/modeling/cost.py).
+The model builds the same tensors from its modules; tests/test_mix.py checks the table against it
+for every variant. The arrangement inside each tensor (expert-major stacking, the fused gate/up
+projection) is the one bam/modeling/config.py describes.
+
+    role               tensors                                    experts along   decays  trains
+    embedding          model.embed_tokens.weight                  -               yes     yes
+    lm_head            lm_head.weight (absent when tied)          -               yes     yes
+    norm               input_norm, post_attention_norm, norm      -               no      yes
+    attn_query         attn.q_proj (weight, bias), attn.o_proj    q: 0, o: 1      yes     yes
+    attn_key_value     attn.k_proj, attn.v_proj (weight, bias)    0               yes     yes
+    attn_router        attn.router.weight                         -               no      yes
+    ffn_router         ffn.router.weight (linear router)          -               no      yes
+    nexus_projection   ffn.router.gate_up_proj, down_proj (W1,W2) -               no      yes
+    domain_embeddings  ffn.router.domain_embeddings               0               no      no
+    ffn_experts        ffn.experts.gate_up_proj, down_proj        0               yes     yes
+    shared_expert      ffn.shared_expert.gate_up_proj, down_proj  -               yes     yes
+
+Biases decay in no role (the nanoGPT/LLaMA convention, as for norms). Routers do not decay either:
+decay pulls them to zero, towards uniform routing, which fights the experts' specialisation. A
+Nexus expert's domain embedding is a fixed description of its data (METHOD.md 3.3): never trained.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from bam.modeling.config import BamConfig
 
 
-def parameter_shapes(config: BamConfig) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every stored parameter of `BamForCausalLM(config)`, in module order, the
-    tied lm_head left out: the names and order of its `named_parameters()`.
+@dataclass(frozen=True)
+class Role:
+    decays: bool
+    trained: bool = True
 
-    Computed from the config (the layout bam/modeling/config.py describes) rather than by building the
-    model on the meta device, so mixing never imports the model and transformers' modeling code
-    (seconds of a `bam mix` run). tests/test_mix.py checks it against the model for every variant.
-    """
-    d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
+
+ROLES = {
+    "embedding": Role(decays=True),
+    "lm_head": Role(decays=True),
+    "norm": Role(decays=False),
+    "attn_query": Role(decays=True),  # one per attention expert
+    "attn_key_value": Role(decays=True),  # one per attention expert, or one shared (kv_shared)
+    "attn_router": Role(decays=False),
+    "ffn_router": Role(decays=False),
+    "nexus_projection": Role(decays=False),
+    "domain_embeddings": Role(decays=False, trained=False),
+    "ffn_experts": Role(decays=True),
+    "shared_expert": Role(decays=True),
+}
+ROUTER_ROLES = ("attn_router", "ffn_router", "nexus_projection", "domain_embeddings")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One stored tensor: `name` as in `named_parameters()`, `local` its name inside the layer
+    (the full name outside layers), `expert_dim` the dimension experts are laid along, expert-major
+    (None where a tensor is not per expert)."""
+
+    name: str
+    shape: tuple[int, ...]
+    role: str
+    expert_dim: int | None = None
+    layer: int | None = None
+
+    @property
+    def local(self) -> str:
+        return self.name if self.layer is None else self.name.removeprefix(f"model.layers.{self.layer}.")
+
+    @property
+    def decays(self) -> bool:
+        return ROLES[self.role].decays and len(self.shape) >= 2
+
+    @property
+    def trained(self) -> bool:
+        return ROLES[self.role].trained
+
+    def numel(self) -> int:
+        n = 1
+        for size in self.shape:
+            n *= size
+        return n
+
+
+def layer_parameters(config: BamConfig, i: int) -> list[Param]:
+    """The tensors of layer `i`, in module order."""
+    d, f = config.hidden_size, config.intermediate_size
     q_width = config.n_attn_experts * config.num_attention_heads * config.head_dim
     kv_width = config.n_kv_experts * config.num_key_value_heads * config.head_dim
     n_ffn = config.n_ffn_experts
-    shapes = {"model.embed_tokens.weight": (v, d)}
+    prefix = f"model.layers.{i}."
+
+    def param(local: str, shape: tuple[int, ...], role: str, expert_dim: int | None = None) -> Param:
+        return Param(prefix + local, shape, role, expert_dim, i)
+
+    params = [param("input_norm.weight", (d,), "norm")]
+    if config.block == "sequential":
+        params.append(param("post_attention_norm.weight", (d,), "norm"))
+    for proj, width, role in (("q", q_width, "attn_query"), ("k", kv_width, "attn_key_value"),
+                              ("v", kv_width, "attn_key_value")):
+        params.append(param(f"attn.{proj}_proj.weight", (width, d), role, 0))
+        if config.qkv_bias:
+            params.append(param(f"attn.{proj}_proj.bias", (width,), role, 0))
+    params.append(param("attn.o_proj.weight", (d, q_width), "attn_query", 1))
+    if config.n_attn_experts > 1:
+        params.append(param("attn.router.weight", (config.n_attn_experts, d), "attn_router"))
+    if config.ffn_router == "nexus":
+        m, h = config.nexus_embed_dim, config.nexus_hidden_dim
+        params += [param("ffn.router.domain_embeddings", (n_ffn, m), "domain_embeddings", 0),
+                   param("ffn.router.gate_up_proj", (2 * h, m), "nexus_projection"),
+                   param("ffn.router.down_proj", (d, h), "nexus_projection")]
+    elif n_ffn > 1:  # one expert takes every token: no linear router (bam/modeling/moe.py)
+        params.append(param("ffn.router.weight", (n_ffn, d), "ffn_router"))
+    params += [param("ffn.experts.gate_up_proj", (n_ffn, 2 * f, d), "ffn_experts", 0),
+               param("ffn.experts.down_proj", (n_ffn, d, f), "ffn_experts", 0)]
+    if config.ffn_shared_expert:
+        params += [param("ffn.shared_expert.gate_up_proj", (2 * f, d), "shared_expert"),
+                   param("ffn.shared_expert.down_proj", (d, f), "shared_expert")]
+    return params
+
+
+def parameters(config: BamConfig) -> list[Param]:
+    """Every stored parameter of `BamForCausalLM(config)` in module order, the tied lm_head left
+    out: the names, order and shapes of its `named_parameters()`.
+
+    Computed from the config rather than by building the model on the meta device, so mixing
+    never imports the model and transformers' modeling code (seconds of a `bam mix` run).
+    """
+    d, v = config.hidden_size, config.vocab_size
+    params = [Param("model.embed_tokens.weight", (v, d), "embedding")]
     for i in range(config.num_hidden_layers):
-        layer = f"model.layers.{i}."
-        shapes[layer + "input_norm.weight"] = (d,)
-        if config.block == "sequential":
-            shapes[layer + "post_attention_norm.weight"] = (d,)
-        for proj, width in (("q", q_width), ("k", kv_width), ("v", kv_width)):
-            shapes[layer + f"attn.{proj}_proj.weight"] = (width, d)
-            if config.qkv_bias:
-                shapes[layer + f"attn.{proj}_proj.bias"] = (width,)
-        shapes[layer + "attn.o_proj.weight"] = (d, q_width)
-        if config.n_attn_experts > 1:
-            shapes[layer + "attn.router.weight"] = (config.n_attn_experts, d)
-        if config.ffn_router == "nexus":
-            m, h = config.nexus_embed_dim, config.nexus_hidden_dim
-            shapes[layer + "ffn.router.domain_embeddings"] = (n_ffn, m)
-            shapes[layer + "ffn.router.gate_up_proj"] = (2 * h, m)
-            shapes[layer + "ffn.router.down_proj"] = (d, h)
-        elif n_ffn > 1:  # one expert takes every token: no linear router (bam/modeling/moe.py)
-            shapes[layer + "ffn.router.weight"] = (n_ffn, d)
-        shapes[layer + "ffn.experts.gate_up_proj"] = (n_ffn, 2 * f, d)
-        shapes[layer + "ffn.experts.down_proj"] = (n_ffn, d, f)
-        if config.ffn_shared_expert:
-            shapes[layer + "ffn.shared_expert.gate_up_proj"] = (2 * f, d)
-            shapes[layer + "ffn.shared_expert.down_proj"] = (d, f)
-    shapes["model.norm.weight"] = (d,)
+        params += layer_parameters(config, i)
+    params.append(Param("model.norm.weight", (d,), "norm"))
     if not config.tie_word_embeddings:
-        shapes["lm_head.weight"] = (v, d)
-    return shapes
+        params.append(Param("lm_head.weight", (v, d), "lm_head"))
+    return params
+
+
+def parameter_table(config: BamConfig) -> dict[str, Param]:
+    """`parameters(config)` by name."""
+    return {param.name: param for param in parameters(config)}
+
+
+def parameter_shapes(config: BamConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every stored parameter, in module order (see `parameters`)."""
+    return {param.name: param.shape for param in parameters(config)}

@@ -11,7 +11,7 @@ from pathlib import Path
 from bam.data.shards import TokenizedDomain
 from bam.data.sources import Domain, DomainSpec
 from bam.errors import BamError, need
-from bam.train.optim import select_patterns
+from bam.train.optim import parse_train_only
 
 DIST_MODES = ("ddp", "fsdp")
 
@@ -57,8 +57,9 @@ class TrainConfig:
 
     def __post_init__(self):
         def check(ok: bool, name: str, expected: str) -> None:
-            # Named as `bam train`'s flag (--max-steps=0: expected ...).
-            need(ok, f"--{name.replace('_', '-')}", getattr(self, name), expected)
+            # Named as the field (max_steps=0: expected ...): the config may come from `bam train`'s
+            # flags (--max-steps) or from a study's YAML (max_steps:), and the field is both's name.
+            need(ok, name, getattr(self, name), expected)
 
         def is_int(v) -> bool:
             return isinstance(v, int) and not isinstance(v, bool)
@@ -82,5 +83,5 @@ class TrainConfig:
             check(value is None or (is_int(value) and value > 0), name, "a positive integer")
         check(self.dist in DIST_MODES, "dist", f"one of {', '.join(DIST_MODES)}")
         if not self.data:
-            raise BamError("--data: expected at least one NAME=PATH[:WEIGHT]")
-        select_patterns(self.train_only)  # unknown group names fail here
+            raise BamError("data: expected at least one domain (NAME=PATH[:WEIGHT])")
+        parse_train_only(self.train_only)  # unknown group names fail here

@@ -144,10 +144,10 @@ def validate(run: Run) -> dict:
 def check_settings(cfg: TrainConfig, config, env: Dist, tokenizer, tokenizer_dir: Path | None) -> None:
     """What can be checked from the settings and the model's config alone: before any tokenizing."""
     if cfg.seq_len > config.max_position_embeddings:
-        raise BamError(f"--seq-len {cfg.seq_len} is beyond the model's context "
+        raise BamError(f"seq_len={cfg.seq_len} is beyond the model's context "
                        f"(max_position_embeddings={config.max_position_embeddings})")
     if cfg.batch_size % (env.world_size * cfg.grad_accum):
-        raise BamError(f"--batch-size {cfg.batch_size}: must divide evenly into {env.world_size} ranks "
+        raise BamError(f"batch_size={cfg.batch_size}: must divide evenly into {env.world_size} ranks "
                        f"x {cfg.grad_accum} micro-batches")
     if tokenizer is not None and len(tokenizer) > config.vocab_size:
         # Token ids >= vocab_size would index past the embedding table: refuse before training.
@@ -163,7 +163,7 @@ def check_domains(cfg: TrainConfig, config, domains: list[TokenizedDomain]) -> N
                            f"the model has {config.vocab_size}")
         if cfg.eval_every and d.splits["validation"].tokens == 0:
             raise BamError(f"domain '{d.name}': validation split is empty: {empty_split_reason(d, 'validation')}; "
-                           "add text, raise --val-fraction, or pass --eval-every 0")
+                           "add text, raise val_fraction, or set eval_every to 0")
 
 
 def train(cfg: TrainConfig) -> Path:
