@@ -15,8 +15,36 @@ FAMILIES = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}),
     "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, {"sliding_window": None}),
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {}),
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, {"head_dim": 16}),  # its default is 128
     "cohere": (transformers.CohereConfig, transformers.CohereForCausalLM, {"logit_scale": 0.5}),
 }
+
+# Llama with each RoPE scaling transformers implements, set so that scaling changes the function on
+# LONG positions: factor > 1 and an original context (original_max_position_embeddings, or for
+# `dynamic` max_position_embeddings) of 16, which LONG passes and generation crosses.
+LONG = 40
+ROPE_SCALING = {
+    "llama3": dict(rope_parameters=dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0,
+                                        high_freq_factor=4.0, original_max_position_embeddings=16)),
+    "linear": dict(rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=4.0)),
+    "dynamic": dict(max_position_embeddings=16, rope_parameters=dict(rope_type="dynamic", rope_theta=10000.0,
+                                                                      factor=4.0)),
+    "yarn": dict(rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=8.0,
+                                      original_max_position_embeddings=16)),
+    "longrope": dict(rope_parameters=dict(rope_type="longrope", rope_theta=10000.0, factor=8.0,
+                                          original_max_position_embeddings=16,
+                                          short_factor=[1.0 + 0.1 * i for i in range(8)],  # head_dim / 2 each
+                                          long_factor=[1.0 + 0.7 * i for i in range(8)])),
+}
+SCALED = [f"llama-{rope_type}" for rope_type in sorted(ROPE_SCALING)]
+FAMILIES.update({f"llama-{rope_type}": (transformers.LlamaConfig, transformers.LlamaForCausalLM, extra)
+                 for rope_type, extra in ROPE_SCALING.items()})
+NEW_FAMILIES = ["qwen3", *SCALED]
+
+
+def seq_len(family: str, usual: int) -> int:
+    """Past the original context where RoPE scaling applies, else the length the test always used."""
+    return LONG if family in SCALED else usual
 
 
 def make_hf_model(family: str, out, seed: int = 0, **overrides):
@@ -36,19 +64,48 @@ def make_hf_model(family: str, out, seed: int = 0, **overrides):
 def test_imported_logits_match_transformers(family, tmp_path):
     reference = make_hf_model(family, tmp_path / family)
     ours = load_model(tmp_path / family)
-    input_ids = torch.randint(0, SHAPE["vocab_size"], (2, 17), generator=torch.Generator().manual_seed(1))
+    input_ids = torch.randint(0, SHAPE["vocab_size"], (2, seq_len(family, 17)),
+                              generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = reference(input_ids).logits
         actual = ours(input_ids).logits
     assert (actual - expected).abs().max().item() < 1e-4
 
 
-@pytest.mark.parametrize("family", ["llama", "cohere"])
+@pytest.mark.parametrize("rope_type", sorted(ROPE_SCALING))
+def test_rope_scaling_changes_the_function_it_is_tested_on(rope_type, tmp_path):
+    """The scaled-RoPE parity tests would prove nothing if scaling did not matter at their length:
+    the same weights with plain RoPE give clearly different logits there."""
+    family = f"llama-{rope_type}"
+    reference = make_hf_model(family, tmp_path / "scaled")
+    plain = make_hf_model(family, tmp_path / "plain", rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    input_ids = torch.randint(0, SHAPE["vocab_size"], (2, LONG), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (reference(input_ids).logits - plain(input_ids).logits).abs().max().item() > 1e-2
+
+
+def test_dynamic_rope_keeps_transformers_state_across_calls(tmp_path):
+    """transformers' dynamic NTK RoPE keeps state across calls (its frequencies depend on the longest
+    sequence seen since the last one within max_position_embeddings, in transformers 5.24): ours
+    follows the same sequence of calls with the same numbers."""
+    reference = make_hf_model("llama-dynamic", tmp_path / "m")
+    ours = load_model(tmp_path / "m")
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for length in (LONG, 24, 10, 30, 12):  # grow, stay stretched, reset, grow, reset
+            input_ids = torch.randint(0, SHAPE["vocab_size"], (1, length), generator=generator)
+            assert (ours(input_ids).logits - reference(input_ids).logits).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("family", ["llama", "cohere", *NEW_FAMILIES])
 def test_imported_generation_matches_transformers(family, tmp_path):
+    """Greedy generation with the KV cache; with scaled RoPE from a prompt inside the original
+    context to past it, so the frequencies change mid-generation (longrope, dynamic)."""
     reference = make_hf_model(family, tmp_path / family, seed=3)
     ours = load_model(tmp_path / family)
-    prompt = torch.randint(0, SHAPE["vocab_size"], (1, 5), generator=torch.Generator().manual_seed(2))
-    kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    prompt_len, new = (10, 20) if family in SCALED else (5, 12)
+    prompt = torch.randint(0, SHAPE["vocab_size"], (1, prompt_len), generator=torch.Generator().manual_seed(2))
+    kwargs = dict(max_new_tokens=new, do_sample=False, pad_token_id=0)
     assert ours.generate(prompt, **kwargs).tolist() == reference.generate(prompt, **kwargs).tolist()
 
 
@@ -63,11 +120,21 @@ def test_tied_embeddings_are_shared(tmp_path):
     ("llama", {"attention_bias": True}, "attention_bias"),
     ("llama", {"hidden_act": "gelu"}, "hidden_act"),
     ("mistral", {"sliding_window": 16}, "sliding"),
-    ("llama", {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}}, "rope_type"),
+    ("qwen3", {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 0}, "sliding"),
+    ("qwen3", {"attention_bias": True}, "attention_bias"),
 ])
 def test_unsupported_features_are_named(family, overrides, feature, tmp_path):
     make_hf_model(family, tmp_path / "m", **overrides)
     with pytest.raises(BamError, match=feature):
+        load_model(tmp_path / "m")
+
+
+def test_rope_type_bam_does_not_compute_is_named(tmp_path):
+    """A RoPE type outside transformers' scaling rules we compute (Gemma 4's `proportional`; older
+    transformers cannot even build that Llama, so only the config is written: it is refused first)."""
+    rope = {"rope_type": "proportional", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+    transformers.LlamaConfig(**SHAPE, rope_parameters=rope).save_pretrained(tmp_path / "m")
+    with pytest.raises(BamError, match="rope_type='proportional'"):
         load_model(tmp_path / "m")
 
 
@@ -116,7 +183,7 @@ def test_refused_family_is_refused_by_mix(tmp_path, capsys):
     assert not (tmp_path / "moe").exists()
 
 
-@pytest.mark.parametrize("family", ["llama", "cohere"])
+@pytest.mark.parametrize("family", ["llama", "cohere", *NEW_FAMILIES])
 @pytest.mark.parametrize("method", ["btx", "bam", "bam-shared", "upcycle"])
 def test_mix_of_identical_hf_copies_preserves_function(family, method, tmp_path):
     """METHOD.md section 4, through the CLI, straight from transformers checkpoints."""
@@ -130,6 +197,55 @@ def test_mix_of_identical_hf_copies_preserves_function(family, method, tmp_path)
                  "--out", str(out), *sources]) == 0
     moe = load_model(out)
     assert moe.config.n_ffn_experts == 3 and moe.config.ffn_top_k == 2
-    input_ids = torch.randint(0, SHAPE["vocab_size"], (2, 13), generator=torch.Generator().manual_seed(4))
+    input_ids = torch.randint(0, SHAPE["vocab_size"], (2, seq_len(family, 13)),
+                              generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         assert (moe(input_ids).logits - reference(input_ids).logits).abs().max().item() < 1e-4
+
+
+def test_hf_export_of_new_options_runs_without_bam(tmp_path):
+    """`bam export --format hf` bundles our modeling code: a BAM mix of Qwen3 copies (qk_norm) with
+    YaRN, and a BAM-shared mix of Llama copies with dynamic RoPE (its state across the logits call
+    and generate()), give our logits and tokens in a Python that cannot import bam."""
+    from bam.cli import main
+    from test_export import INPUT_IDS, ours, run_outside
+
+    yarn = dict(rope_type="yarn", rope_theta=10000.0, factor=8.0, original_max_position_embeddings=8)
+    cases = {"qwen3_yarn": ("qwen3", "bam", dict(rope_parameters=yarn)),
+             "llama_dynamic": ("llama-dynamic", "bam-shared", dict(max_position_embeddings=8))}
+    exported = {}
+    for name, (family, method, overrides) in cases.items():
+        make_hf_model(family, tmp_path / name, **overrides)
+        assert main(["mix", "--method", method, "--top-k", "2", "--out", str(tmp_path / f"{name}.moe"),
+                     *[str(tmp_path / name)] * 2]) == 0
+        exported[name] = tmp_path / f"{name}.hf"
+        assert main(["export", str(tmp_path / f"{name}.moe"), "--format", "hf", "--out", str(exported[name])]) == 0
+    outside = run_outside(exported, tmp_path / "outside", remote_code=True)
+    assert INPUT_IDS.shape[1] > 8  # past the original context of both
+    for name in cases:
+        logits, tokens = ours(tmp_path / f"{name}.moe")
+        assert outside[name]["tokens"] == tokens
+        assert (torch.tensor(outside[name]["logits"]) - logits).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("family", SCALED)
+def test_scaled_rope_exports_back_to_llama(family, tmp_path):
+    """The RoPE description travels to the exported config, and transformers' Llama computes the same
+    logits from it past the original context (export's own parity check ran on 24 > 16 tokens)."""
+    from bam.cli import main
+
+    reference = make_hf_model(family, tmp_path / "m")
+    assert main(["export", str(tmp_path / "m"), "--format", "llama", "--out", str(tmp_path / "out")]) == 0
+    exported = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert exported.config.rope_parameters == reference.config.rope_parameters
+    input_ids = torch.randint(0, SHAPE["vocab_size"], (2, LONG), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert (exported(input_ids).logits - reference(input_ids).logits).abs().max().item() < 1e-4
+
+
+def test_qwen3_export_to_llama_is_refused_naming_qk_norm(tmp_path, capsys):
+    from bam.cli import main
+
+    make_hf_model("qwen3", tmp_path / "m")
+    assert main(["export", str(tmp_path / "m"), "--format", "llama", "--out", str(tmp_path / "out")]) == 2
+    assert "qk_norm" in capsys.readouterr().err and not (tmp_path / "out").exists()

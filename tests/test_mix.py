@@ -372,6 +372,9 @@ CONFIG_VARIANTS = {
     "shared expert, linear router": lambda make: make(n_ffn_experts=3, ffn_top_k=2, ffn_shared_expert=True),
     "shared expert, one expert": lambda make: make(ffn_shared_expert=True),
     "kv_shared with one attention": lambda make: make(kv_shared=True),
+    "qk_norm": lambda make: make(qk_norm=True),
+    "bam, qk_norm": lambda make: mixed_config(make(qk_norm=True), "bam", 3),
+    "bam-shared, qk_norm": lambda make: mixed_config(make(qk_norm=True), "bam-shared", 3),
 }
 
 

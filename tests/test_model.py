@@ -33,6 +33,8 @@ VARIANTS = {
     "bam-shared": dict(n_attn_experts=3, kv_shared=True, n_ffn_experts=3, ffn_top_k=2, ffn_renormalize=True),
     "bam-seq-layernorm": dict(n_attn_experts=2, n_ffn_experts=2, block="sequential", norm="layernorm"),
     "bam-topk-attn": dict(n_attn_experts=3, attn_routing="topk", attn_top_k=2, n_ffn_experts=3),
+    "bam-qk-norm": dict(n_attn_experts=3, n_ffn_experts=3, qk_norm=True),
+    "bam-shared-qk-norm": dict(n_attn_experts=3, kv_shared=True, n_ffn_experts=3, qk_norm=True),
 }
 
 
@@ -48,8 +50,14 @@ def naive_attention(attn, h_BTD, positions):
         x1, x2 = x[..., : Dh // 2], x[..., Dh // 2:]
         return x * cos + torch.cat([-x2, x1], -1) * sin
 
-    q_all = attn.q_proj(h_BTD).view(B, T, N, H, Dh)
-    k_all = attn.k_proj(h_BTD).view(B, T, -1, Hkv, Dh)
+    def head_norm(x, norm):  # x: (B, T, experts, heads, Dh); expert e's weight is norm.weight[e*Dh:(e+1)*Dh]
+        if norm is None:
+            return x
+        weight = norm.weight.view(-1, 1, Dh)
+        return weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps)
+
+    q_all = head_norm(attn.q_proj(h_BTD).view(B, T, N, H, Dh), attn.q_norm)
+    k_all = head_norm(attn.k_proj(h_BTD).view(B, T, -1, Hkv, Dh), attn.k_norm)
     v_all = attn.v_proj(h_BTD).view(B, T, -1, Hkv, Dh)
     gates = attn.gates(h_BTD) if attn.router is not None else torch.ones(B, T, 1)
     causal = torch.ones(T, T, dtype=torch.bool).tril()
@@ -69,7 +77,8 @@ def naive_attention(attn, h_BTD, positions):
 attn_theta = 10000.0
 
 
-@pytest.mark.parametrize("variant", ["dense", "bam", "bam-shared", "bam-topk-attn"])
+@pytest.mark.parametrize("variant", ["dense", "bam", "bam-shared", "bam-topk-attn", "bam-qk-norm",
+                                     "bam-shared-qk-norm"])
 def test_mixture_of_attention_equals_naive_per_expert_attention(variant):
     config = tiny(**VARIANTS[variant])
     attn = model_for(config).model.layers[0].attn
@@ -77,7 +86,7 @@ def test_mixture_of_attention_equals_naive_per_expert_attention(variant):
     positions = torch.arange(9)
     from bam.modeling.model import rope_cos_sin
 
-    cos_sin = rope_cos_sin(positions.expand(2, 9), config.head_dim, config.rope_theta, h.dtype)
+    cos_sin = rope_cos_sin(positions.expand(2, 9), config.head_dim, config.rope_parameters["rope_theta"], h.dtype)
     ours, _ = attn(h, cos_sin, None, None)
     torch.testing.assert_close(ours, naive_attention(attn, h, positions), atol=1e-5, rtol=1e-5)
 
@@ -101,6 +110,73 @@ def test_rope_matches_transformers_llama_in_value_and_gradient():
     (reference_grad,) = torch.autograd.grad(reference, x, grad)
     torch.testing.assert_close(ours_grad, reference_grad, rtol=0, atol=1e-12)
     assert torch.autograd.gradgradcheck(lambda t: apply_rope(t, cos_half, sin_half), (x,))
+
+
+def test_default_rope_is_todays_formula_bit_for_bit():
+    """rope_type 'default' (every model before rope_parameters) computes exactly what bam always did."""
+    config = tiny(rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+    positions = torch.tensor([[0, 1, 2, 3, 4, 5, 6], [3, 4, 5, 6, 7, 8, 9]])
+    cos, sin = BamForCausalLM(config).model.rope(positions, torch.float32)
+    Dh = config.head_dim
+    inv_freq = 1.0 / 500000.0 ** (torch.arange(0, Dh, 2).float() / Dh)
+    angles = positions.float()[..., None] * inv_freq
+    assert torch.equal(cos, angles.cos()) and torch.equal(sin, angles.sin())
+
+
+ROPE_SCALING = {
+    "llama3": dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16),
+    "linear": dict(factor=4.0),
+    "dynamic": dict(factor=4.0),
+    "yarn": dict(factor=4.0, original_max_position_embeddings=16),
+    "longrope": dict(factor=4.0, original_max_position_embeddings=16, short_factor=[1.0 + 0.1 * i for i in range(4)],
+                     long_factor=[1.0 + 0.7 * i for i in range(4)]),
+}
+
+
+@pytest.mark.parametrize("rope_type", sorted(ROPE_SCALING))
+def test_scaled_rope_equals_transformers_rotary_embedding_bit_for_bit(rope_type):
+    """cos/sin (the attention scaling folded in) for each RoPE scaling, against transformers'
+    LlamaRotaryEmbedding over a sequence of calls: within the original context, past it, shorter
+    again (dynamic keeps its stretched frequencies, longrope switches), back within it."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    rope = {"rope_type": rope_type, "rope_theta": 10000.0, **ROPE_SCALING[rope_type]}
+    max_len = 16 if rope_type == "dynamic" else 64  # the original context: dynamic's, else in `rope`
+    config = tiny(max_position_embeddings=max_len, rope_parameters=dict(rope))
+    theirs = LlamaRotaryEmbedding(LlamaConfig(hidden_size=32, num_attention_heads=4, head_dim=8,
+                                              max_position_embeddings=max_len, rope_parameters=dict(rope)))
+    ours = BamForCausalLM(config).model.rope
+    plain = BamForCausalLM(tiny()).model.rope
+    scaled_somewhere = False
+    for length in (10, 40, 24, 12, 30):
+        positions = torch.arange(length).expand(2, length)
+        cos, sin = ours(positions, torch.float32)
+        their_cos, their_sin = theirs(torch.zeros(1), positions)
+        assert torch.equal(torch.cat([cos, cos], -1), their_cos) and torch.equal(torch.cat([sin, sin], -1), their_sin)
+        scaled_somewhere |= not torch.equal(cos, plain(positions, torch.float32)[0])
+    assert scaled_somewhere
+
+
+def test_config_json_with_only_rope_theta_still_loads(tmp_path):
+    """A model directory written before rope_parameters carries a bare `rope_theta`: it loads as
+    plain RoPE with that base, with the same logits, and is written back in the new form."""
+    import json
+
+    model = model_for(tiny(rope_parameters={"rope_type": "default", "rope_theta": 500000.0}))
+    model.save_pretrained(tmp_path / "m")
+    config_file = tmp_path / "m" / "config.json"
+    fields = json.loads(config_file.read_text())
+    del fields["rope_parameters"]
+    config_file.write_text(json.dumps({**fields, "rope_theta": 500000.0}))
+    old = BamForCausalLM.from_pretrained(tmp_path / "m").eval()
+    assert old.config.rope_parameters == {"rope_type": "default", "rope_theta": 500000.0}
+    ids = torch.randint(0, 61, (2, 13), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(old(ids).logits, model(ids).logits)
+    old.config.save_pretrained(tmp_path / "new")
+    saved = json.loads((tmp_path / "new" / "config.json").read_text())
+    assert "rope_theta" not in saved and saved["rope_parameters"]["rope_theta"] == 500000.0
 
 
 def test_kv_sharing_equals_kv_experts_when_experts_share_kv():

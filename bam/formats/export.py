@@ -28,6 +28,7 @@ tokens in fp32; only then does the directory appear at `--out`.
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.metadata
 import importlib.util
 import re
@@ -79,8 +80,8 @@ def export_blockers(config: BamConfig, fmt: str) -> list[tuple[str, str]]:
     Empty when it can (the parity check still has the last word).
     """
     if fmt == "olmoe":
-        return [("OLMoE always applies RMSNorm to queries and keys (q_norm/k_norm), which bam's "
-                 "attention does not have", "qwen2_moe")]
+        return [("OLMoE always applies RMSNorm across all heads' queries and keys (q_norm/k_norm), which "
+                 "bam's attention does not have (its qk_norm is per head)", "qwen2_moe")]
     reasons = []
     if config.block != "sequential":
         reasons.append((f"{fmt} has a sequential block and this model a parallel one "
@@ -97,6 +98,8 @@ def export_blockers(config: BamConfig, fmt: str) -> list[tuple[str, str]]:
         reasons.append((f"this model has an always-on shared expert and {fmt} has none", "qwen2_moe"))
     if config.logit_scale != 1.0:
         reasons.append((f"logit_scale={config.logit_scale} and {fmt} does not scale logits", "hf"))
+    if config.qk_norm:
+        reasons.append((f"this model normalizes each head's queries and keys (qk_norm) and {fmt} does not", "hf"))
     if fmt == "mixtral":
         if not config.ffn_renormalize and config.ffn_top_k < config.n_ffn_experts:
             reasons.append((f"Mixtral renormalizes the top-k gates and this model does not "
@@ -136,7 +139,7 @@ def target_config(config: BamConfig, fmt: str, dtype: torch.dtype) -> PreTrained
         max_position_embeddings=config.max_position_embeddings,
         hidden_act="silu",
         rms_norm_eps=config.norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+        rope_parameters=copy.deepcopy(config.rope_parameters),
         tie_word_embeddings=config.tie_word_embeddings,
         initializer_range=config.initializer_range,
         bos_token_id=config.bos_token_id,

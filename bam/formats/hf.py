@@ -4,48 +4,57 @@ An imported directory is read lazily, tensor by tensor, exactly like one of ours
 so `bam mix`, `bam train` and `load_model` accept it directly. Each family's features that our
 model cannot express are refused by name rather than silently dropped.
 
-Supported: Llama, Mistral, Qwen2 (sequential block, RMSNorm), Cohere (parallel block, LayerNorm
-without bias, interleaved RoPE, logit scale). Recognised but refused, because every checkpoint of
-these families needs something our model lacks: GPT-NeoX and Phi (a non-gated GELU MLP, LayerNorm
-and projection biases, partial rotary embeddings); the error lists each missing feature.
+Supported: Llama, Mistral, Qwen2, Qwen3 (sequential block, RMSNorm; Qwen3 with per-head q/k norms),
+Cohere (parallel block, LayerNorm without bias, interleaved RoPE, logit scale), each with plain RoPE
+or any RoPE scaling transformers implements for it (llama3, linear, dynamic, yarn, longrope).
+Recognised but refused, because every checkpoint of these families needs something our model lacks:
+GPT-NeoX and Phi (a non-gated GELU MLP, LayerNorm and projection biases, partial rotary
+embeddings); the error lists each missing feature.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, PreTrainedConfig
 
-from bam.formats.names import DENSE_MLP, LLAMA_NAMES, hf_name, layer_prefix
+from bam.formats.names import DENSE_MLP, LLAMA_NAMES, QWEN3_NAMES, hf_name, layer_prefix
 from bam.formats.source import ModelSource
 from bam.io.tensor_files import SafetensorsFiles
-from bam.modeling.config import config_from_dict
+from bam.modeling.config import ROPE_TYPES, config_from_dict
 from bam.modeling.layout import Param, parameter_table
 from bam.errors import BamError
 
-SEQUENTIAL_FAMILIES = ("llama", "mistral", "qwen2")
+SEQUENTIAL_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 PARALLEL_FAMILIES = ("cohere",)
 SUPPORTED_FAMILIES = SEQUENTIAL_FAMILIES + PARALLEL_FAMILIES
 # Families we know and whose checkpoints we cannot express today (see `_missing_features`): they
 # get an error naming every missing feature instead of "model_type not supported".
 REFUSED_FAMILIES = ("gpt_neox", "phi")
+# Each family's tensor names (bam/formats/names.py); the rest name theirs as Llama does.
+FAMILY_NAMES = {"qwen3": QWEN3_NAMES}
 
 
 def _refuse(path: Path, family: str, feature: str) -> None:
     raise BamError(f"{path}: {family} checkpoint uses {feature}, which bam's model cannot express")
 
 
-def _rope_theta(hf: PreTrainedConfig, path: Path, family: str) -> float:
-    rope = getattr(hf, "rope_parameters", None) or {}
+def _rope_parameters(hf: PreTrainedConfig, path: Path, family: str) -> dict:
+    """The checkpoint's RoPE description as transformers standardized it (a bare `rope_theta` and
+    a legacy `rope_scaling` already folded in), for our config to compute with transformers' own
+    RoPE functions."""
+    rope = copy.deepcopy(getattr(hf, "rope_parameters", None) or {})
     rope_type = rope.get("rope_type", "default")
-    if rope_type != "default":
-        _refuse(path, family, f"rope_type={rope_type!r} (only plain RoPE is supported)")
-    theta = rope.get("rope_theta", getattr(hf, "rope_theta", None))
-    if theta is None:
+    if rope_type not in ROPE_TYPES:
+        _refuse(path, family, f"rope_type={rope_type!r} (bam computes {', '.join(ROPE_TYPES)})")
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        _refuse(path, family, f"partial rotary embeddings (partial_rotary_factor={rope['partial_rotary_factor']})")
+    if "rope_theta" not in rope:
         raise BamError(f"{path}/config.json: field rope_theta missing")
-    return float(theta)
+    return rope
 
 
 def _missing_features(hf: PreTrainedConfig) -> list[str]:
@@ -81,11 +90,11 @@ def translate_config(hf: PreTrainedConfig, path: Path) -> dict:
         _refuse(path, family, f"hidden_act={hf.hidden_act!r} (only SwiGLU with silu)")
     if getattr(hf, "mlp_bias", False):
         _refuse(path, family, "mlp_bias=True")
-    if family in ("mistral", "qwen2") and getattr(hf, "sliding_window", None) is not None \
+    if family in ("mistral", "qwen2", "qwen3") and getattr(hf, "sliding_window", None) is not None \
             and getattr(hf, "use_sliding_window", True) \
             and hf.sliding_window < hf.max_position_embeddings:
         _refuse(path, family, f"sliding-window attention (sliding_window={hf.sliding_window})")
-    if family == "llama" and getattr(hf, "attention_bias", False):
+    if family in ("llama", "qwen3") and getattr(hf, "attention_bias", False):
         _refuse(path, family, "attention_bias=True (a bias on o_proj)")
     if family == "cohere" and getattr(hf, "use_qk_norm", False):
         _refuse(path, family, "use_qk_norm=True")
@@ -100,7 +109,7 @@ def translate_config(hf: PreTrainedConfig, path: Path) -> dict:
         num_key_value_heads=getattr(hf, "num_key_value_heads", None) or heads,
         head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // heads,
         max_position_embeddings=hf.max_position_embeddings,
-        rope_theta=_rope_theta(hf, path, family),
+        rope_parameters=_rope_parameters(hf, path, family),
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
         bos_token_id=getattr(hf, "bos_token_id", None),
         eos_token_id=getattr(hf, "eos_token_id", None),
@@ -108,7 +117,8 @@ def translate_config(hf: PreTrainedConfig, path: Path) -> dict:
         initializer_range=getattr(hf, "initializer_range", 0.02),
     )
     if family in SEQUENTIAL_FAMILIES:
-        fields.update(block="sequential", norm="rmsnorm", norm_eps=hf.rms_norm_eps, qkv_bias=family == "qwen2")
+        fields.update(block="sequential", norm="rmsnorm", norm_eps=hf.rms_norm_eps, qkv_bias=family == "qwen2",
+                      qk_norm=family == "qwen3")
     else:
         fields.update(block="parallel", norm="layernorm", norm_eps=hf.layer_norm_eps,
                       logit_scale=float(hf.logit_scale), qkv_bias=bool(getattr(hf, "attention_bias", False)))
@@ -133,11 +143,11 @@ def interleaved_to_half_rope(weight: torch.Tensor, head_dim: int) -> torch.Tenso
 ROTARY_TENSORS = ("attn.q_proj.weight", "attn.q_proj.bias", "attn.k_proj.weight", "attn.k_proj.bias")
 
 
-def hf_tensor_names(param: Param) -> tuple[str, ...]:
+def hf_tensor_names(param: Param, family: str) -> tuple[str, ...]:
     """The checkpoint tensors that make our `param`, in order (bam/formats/names.py)."""
     if param.local in DENSE_MLP:
         return tuple(layer_prefix(param) + name for name in DENSE_MLP[param.local])
-    return (hf_name(param, LLAMA_NAMES),)
+    return (hf_name(param, FAMILY_NAMES.get(family, LLAMA_NAMES)),)
 
 
 def open_hf_model(path: Path, config_dict: dict, tokenizer_dir: Path | None) -> ModelSource:
@@ -159,7 +169,7 @@ def open_hf_model(path: Path, config_dict: dict, tokenizer_dir: Path | None) -> 
         """Our tensor `name` as the checkpoint's pieces, read one at a time: row blocks that
         concatenate into it (a dense MLP's gate and up matrices are our one expert's gate_up_proj)."""
         param = table[name]
-        for hf_name_ in hf_tensor_names(param):
+        for hf_name_ in hf_tensor_names(param, family):
             if hf_name_ not in available:
                 raise BamError(f"{path}: tensor {hf_name_} missing from the {family} checkpoint")
             tensor = files.get(hf_name_)

@@ -23,6 +23,12 @@ LLAMA_NAMES = {
     **{f"attn.{proj}_proj.{kind}": f"self_attn.{proj}_proj.{kind}"
        for proj in ("q", "k", "v", "o") for kind in ("weight", "bias")},
 }
+# Qwen3: Llama's names, plus the per-head query and key norms (our `qk_norm`).
+QWEN3_NAMES = {
+    **LLAMA_NAMES,
+    "attn.q_norm.weight": "self_attn.q_norm.weight",
+    "attn.k_norm.weight": "self_attn.k_norm.weight",
+}
 DENSE_MLP = {
     "ffn.experts.gate_up_proj": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
     "ffn.experts.down_proj": ("mlp.down_proj.weight",),

@@ -21,6 +21,10 @@ NORMS = ("rmsnorm", "layernorm")
 ATTN_ROUTINGS = ("soft", "topk")
 FFN_ROUTERS = ("linear", "nexus")
 EXPERT_DISPATCHES = ("grouped", "loop")
+# RoPE variants (transformers' `rope_type`): plain RoPE, and the scaling rules transformers implements
+# in ROPE_INIT_FUNCTIONS, which bam/modeling/model.py calls rather than re-deriving them.
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
+DEFAULT_ROPE_THETA = 10000.0
 
 
 class BamConfig(PreTrainedConfig):
@@ -29,7 +33,9 @@ class BamConfig(PreTrainedConfig):
     Parameter layout (what `mix` writes and `hf` import maps onto), per layer `i`:
       attention projections are stacked expert-major: `q_proj` is [n_attn_experts*H*Dh, d];
       `k_proj`/`v_proj` are [n_kv_experts*H_kv*Dh, d] where n_kv_experts is 1 with `kv_shared`;
-      `o_proj` is [d, n_attn_experts*H*Dh]; FFN experts are 3-D like transformers' Mixtral:
+      `o_proj` is [d, n_attn_experts*H*Dh]; with `qk_norm`, the per-head query and key norms hold
+      one [Dh] weight per expert, stacked 1-D like every norm weight (so they never decay):
+      `q_norm` [n_attn_experts*Dh], `k_norm` [n_kv_experts*Dh]. FFN experts are 3-D like Mixtral's:
       `gate_up_proj` [n_ffn_experts, 2*d_ff, d] (gate rows first) and `down_proj` [E, d, d_ff].
     With `ffn_shared_expert`, the always-on expert is 2-D: `ffn.shared_expert.gate_up_proj`
     [2*d_ff, d] and `ffn.shared_expert.down_proj` [d, d_ff]. The FFN router is `ffn.router.weight`
@@ -52,8 +58,13 @@ class BamConfig(PreTrainedConfig):
     block: str = "parallel"
     norm: str = "rmsnorm"
     norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
+    # RoPE as transformers 5 configs describe it: `rope_type` (one of ROPE_TYPES), `rope_theta`, and
+    # that type's scaling fields (factor, original_max_position_embeddings, ...). A config.json
+    # written before this field carries a bare `rope_theta` instead: see __post_init__.
+    rope_parameters: dict | None = None
     qkv_bias: bool = False
+    # Qwen3: RMSNorm (of kind `norm`, eps `norm_eps`) over each head's queries and keys before RoPE.
+    qk_norm: bool = False
     logit_scale: float = 1.0
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
@@ -94,6 +105,15 @@ class BamConfig(PreTrainedConfig):
     eos_token_id: int | list[int] | None = None
 
     def __post_init__(self, **kwargs):
+        # The one place an old config.json's `rope_theta` (bam before rope_parameters, or
+        # BamConfig(rope_theta=...)) becomes the RoPE description: plain RoPE with that base.
+        theta = kwargs.pop("rope_theta", None)
+        if self.rope_parameters is None:
+            self.rope_parameters = {"rope_type": "default",
+                                    "rope_theta": DEFAULT_ROPE_THETA if theta is None else theta}
+        elif theta is not None and self.rope_parameters.get("rope_theta", theta) != theta:
+            raise BamError(f"config fields rope_theta={theta!r} and rope_parameters={self.rope_parameters!r} "
+                           f"disagree: expected rope_parameters alone")
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None and self.num_attention_heads > 0:
@@ -137,11 +157,21 @@ class BamConfig(PreTrainedConfig):
         check(self.attn_top_k <= self.n_attn_experts, "attn_top_k",
              f"at most n_attn_experts={self.n_attn_experts}")
         check(self.norm_eps > 0, "norm_eps", "a positive number")
-        check(self.rope_theta > 0, "rope_theta", "a positive number")
+        rope = self.rope_parameters
+        check(isinstance(rope, dict) and rope.get("rope_type") in ROPE_TYPES
+              and isinstance(rope.get("rope_theta"), (int, float)) and rope["rope_theta"] > 0
+              and rope.get("partial_rotary_factor", 1.0) == 1.0, "rope_parameters",
+              f"rope_type one of {ROPE_TYPES}, a positive rope_theta and every dimension rotated "
+              f"(no partial_rotary_factor)")
+        try:  # transformers' own check of the fields each rope_type needs (KeyError names them)
+            self.validate_rope()
+        except (KeyError, TypeError, ValueError) as err:
+            raise BamError(f"config field rope_parameters={rope!r}: {first_line(err)}") from None
         check(self.router_init_std >= 0, "router_init_std", "a non-negative number")
         check(self.router_aux_loss_coef >= 0, "router_aux_loss_coef", "a non-negative number")
         check(self.router_z_loss_coef >= 0, "router_z_loss_coef", "a non-negative number")
         check(isinstance(self.ffn_shared_expert, bool), "ffn_shared_expert", "true or false")
+        check(isinstance(self.qk_norm, bool), "qk_norm", "true or false")
         for field in ("nexus_embed_dim", "nexus_hidden_dim"):
             value = getattr(self, field)
             if self.ffn_router == "nexus":

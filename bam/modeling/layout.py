@@ -13,14 +13,22 @@ projection) is the one bam/modeling/config.py describes.
     embedding          model.embed_tokens.weight                  -               yes     yes
     lm_head            lm_head.weight (absent when tied)          -               yes     yes
     norm               input_norm, post_attention_norm, norm      -               no      yes
-    attn_query         attn.q_proj (weight, bias), attn.o_proj    q: 0, o: 1      yes     yes
-    attn_key_value     attn.k_proj, attn.v_proj (weight, bias)    0               yes     yes
+    attn_query         attn.q_proj (weight, bias), attn.o_proj,   q: 0, o: 1      yes     yes
+                       attn.q_norm (qk_norm)                      0               no      yes
+    attn_key_value     attn.k_proj, attn.v_proj (weight, bias),   0               yes     yes
+                       attn.k_norm (qk_norm)                      0               no      yes
     attn_router        attn.router.weight                         -               no      yes
     ffn_router         ffn.router.weight (linear router)          -               no      yes
     nexus_projection   ffn.router.gate_up_proj, down_proj (W1,W2) -               no      yes
     domain_embeddings  ffn.router.domain_embeddings               0               no      no
     ffn_experts        ffn.experts.gate_up_proj, down_proj        0               yes     yes
     shared_expert      ffn.shared_expert.gate_up_proj, down_proj  -               yes     yes
+
+The per-head q/k norms (`qk_norm`, Qwen3) belong to the attention expert whose heads they normalize,
+so BAM stacks them with its queries (and keys, with KV experts) and BTX averages them. Each holds
+one [head_dim] weight per expert, stacked expert-major into one 1-D tensor: q_norm
+[n_attn_experts * head_dim], k_norm [n_kv_experts * head_dim]; 1-D, so like every norm weight
+they do not decay.
 
 Biases decay in no role (the nanoGPT/LLaMA convention, as for norms). Routers do not decay either:
 decay pulls them to zero, towards uniform routing, which fights the experts' specialisation. A
@@ -107,6 +115,10 @@ def layer_parameters(config: BamConfig, i: int) -> list[Param]:
         if config.qkv_bias:
             params.append(param(f"attn.{proj}_proj.bias", (width,), role, 0))
     params.append(param("attn.o_proj.weight", (d, q_width), "attn_query", 1))
+    if config.qk_norm:
+        a = config.head_dim
+        params += [param("attn.q_norm.weight", (config.n_attn_experts * a,), "attn_query", 0),
+                   param("attn.k_norm.weight", (config.n_kv_experts * a,), "attn_key_value", 0)]
     if config.n_attn_experts > 1:
         params.append(param("attn.router.weight", (config.n_attn_experts, d), "attn_router"))
     if config.ffn_router == "nexus":

@@ -7,6 +7,8 @@ Attention is a soft mixture of E attention experts (METHOD.md 3.2), computed as 
 scaled-dot-product attention over E*H query heads; FFN is a routed mixture of SwiGLU experts with
 a linear or Nexus router and an optional always-on shared expert (bam/modeling/moe.py). With E = 1 both
 are the ordinary dense modules.
+Positions: rotate-half RoPE, plain or with a scaling rule of transformers' (`rope_parameters`, Rope);
+with `qk_norm` each head's queries and keys are normalized before it (Qwen3).
 
 Shape suffixes: the letters of bam/modeling/__init__.py.
 """
@@ -22,6 +24,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 
 from bam.modeling.config import BamConfig
 from bam.modeling.loss import linear_cross_entropy
@@ -30,29 +33,82 @@ from bam.modeling.transformers_compat import cache_argument, cache_name
 
 
 class Norm(nn.Module):
-    """RMSNorm (Llama) or LayerNorm without bias (Cohere), computed in fp32."""
+    """RMSNorm (Llama) or LayerNorm without bias (Cohere) over the last dim, computed in fp32.
 
-    def __init__(self, config: BamConfig):
+    With `experts` it is the per-head query or key norm of `qk_norm` (Qwen3): x is [..., E, heads, A]
+    and each of the E attention experts has its own [A] weight, stored stacked as one [E * A].
+    """
+
+    def __init__(self, config: BamConfig, experts: int = 0):
         super().__init__()
         self.kind = config.norm
         self.eps = config.norm_eps
-        self.weight = nn.Parameter(torch.ones(config.hidden_size))
+        self.weight = nn.Parameter(torch.ones(experts * config.head_dim if experts else config.hidden_size))
+        self.weight_shape = (experts, 1, config.head_dim) if experts else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         if self.kind == "layernorm":
             x32 = x32 - x32.mean(-1, keepdim=True)
         x32 = x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        weight = self.weight if self.weight_shape is None else self.weight.view(self.weight_shape)
+        return weight * x32.to(x.dtype)
 
 
 def rope_cos_sin(position_ids_BT: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos/sin of the rotation angles, [B, T, head_dim / 2] each: rotate-half RoPE turns the pair
-    (x_i, x_{i + head_dim/2}) by angle i, so half a table is all there is. Computed per call, so
+    """cos/sin of plain RoPE's rotation angles, [B, T, head_dim / 2] each: rotate-half RoPE turns the
+    pair (x_i, x_{i + head_dim/2}) by angle i, so half a table is all there is. Computed per call, so
     there is no buffer to keep in sync."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=position_ids_BT.device).float() / head_dim)
-    angles_BTG = position_ids_BT.float()[..., None] * inv_freq
-    return angles_BTG.cos().to(dtype), angles_BTG.sin().to(dtype)
+    return _cos_sin(position_ids_BT, inv_freq, 1.0, dtype)
+
+
+def _cos_sin(position_ids_BT: torch.Tensor, inv_freq_G: torch.Tensor, scaling: float, dtype: torch.dtype):
+    angles_BTG = position_ids_BT.float()[..., None] * inv_freq_G
+    cos_BTG, sin_BTG = angles_BTG.cos(), angles_BTG.sin()
+    if scaling != 1.0:  # YaRN and LongRoPE scale the attention logits through cos and sin
+        cos_BTG, sin_BTG = cos_BTG * scaling, sin_BTG * scaling
+    return cos_BTG.to(dtype), sin_BTG.to(dtype)
+
+
+class Rope(nn.Module):
+    """cos/sin for the positions of one forward, per the config's `rope_parameters`.
+
+    `default` is plain RoPE (rope_cos_sin), computed per call. A scaled type takes its inverse
+    frequencies and attention scaling from transformers' own ROPE_INIT_FUNCTIONS, and transformers'
+    own `dynamic_rope_update` updates them with the positions, exactly as on its models' rotary
+    modules (this module keeps the attributes it reads, under its names): `longrope` takes its long
+    factors past original_max_position_embeddings; `dynamic` (NTK) recomputes the frequencies for
+    a longer sequence and keeps them across calls as transformers does. So an imported checkpoint
+    computes what its own class computes, call after call, on whichever transformers is installed.
+
+    The frequencies are non-persistent buffers (never in the state dict), made in fp32 on first use
+    (models are often built on the meta device), as transformers' rotary modules make theirs.
+    """
+
+    def __init__(self, config: BamConfig):
+        super().__init__()
+        self.config = config
+        self.rope_type = config.rope_parameters["rope_type"]
+        self.max_seq_len_cached = self.original_max_seq_len = config.max_position_embeddings
+        self.attention_scaling = 1.0
+        self.register_buffer("inv_freq", None, persistent=False)
+        self.register_buffer("original_inv_freq", None, persistent=False)
+
+    def forward(self, position_ids_BT: torch.Tensor, dtype: torch.dtype):
+        if self.rope_type == "default":
+            theta = self.config.rope_parameters["rope_theta"]
+            return rope_cos_sin(position_ids_BT, self.config.head_dim, theta, dtype)
+        if self.original_inv_freq is None:
+            inv_freq_G, self.attention_scaling = ROPE_INIT_FUNCTIONS[self.rope_type](self.config)
+            self.inv_freq, self.original_inv_freq = inv_freq_G, inv_freq_G.clone()
+        cos_BTG, sin_BTG = self.scaled_cos_sin(position_ids_BT, position_ids_BT)
+        return cos_BTG.to(dtype), sin_BTG.to(dtype)
+
+    @dynamic_rope_update
+    def scaled_cos_sin(self, x: torch.Tensor, position_ids_BT: torch.Tensor):
+        """fp32 cos/sin with the current frequencies (`x` only tells the decorator the device)."""
+        return _cos_sin(position_ids_BT, self.inv_freq.to(x.device), self.attention_scaling, torch.float32)
 
 
 def apply_rope(x_BHTA: torch.Tensor, cos_BTG: torch.Tensor, sin_BTG: torch.Tensor) -> torch.Tensor:
@@ -130,6 +186,8 @@ class MixtureOfAttention(nn.Module):
         self.k_proj = nn.Linear(d, kv_width, bias=config.qkv_bias)
         self.v_proj = nn.Linear(d, kv_width, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.n_experts * q_width, d, bias=False)
+        self.q_norm = Norm(config, experts=self.n_experts) if config.qk_norm else None
+        self.k_norm = Norm(config, experts=config.n_kv_experts) if config.qk_norm else None
         self.router = nn.Linear(d, self.n_experts, bias=False) if self.n_experts > 1 else None
 
     def gates(self, h_BTD: torch.Tensor) -> torch.Tensor:
@@ -144,9 +202,13 @@ class MixtureOfAttention(nn.Module):
         E, group = self.n_experts, self.n_heads // self.n_kv_heads
         # (B, T, E, H_kv, group, A) -> heads in the order SDPA's GQA grouping needs.
         head_order = (0, 3, 2, 4, 1, 5) if self.kv_shared else (0, 2, 3, 4, 1, 5)
-        q = self.q_proj(h_BTD).view(B, T, E, self.n_kv_heads, group, self.head_dim)
+        q_BTEHA = self.q_proj(h_BTD).view(B, T, E, self.n_heads, self.head_dim)
+        k_BTEHA = self.k_proj(h_BTD).view(B, T, -1, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:  # qk_norm: each head's query and key, before RoPE
+            q_BTEHA, k_BTEHA = self.q_norm(q_BTEHA), self.k_norm(k_BTEHA)
+        q = q_BTEHA.view(B, T, E, self.n_kv_heads, group, self.head_dim)
         q_BHTA = q.permute(head_order).reshape(B, E * self.n_heads, T, self.head_dim)
-        k_BHSA = self.k_proj(h_BTD).view(B, T, -1, self.head_dim).transpose(1, 2)
+        k_BHSA = k_BTEHA.view(B, T, -1, self.head_dim).transpose(1, 2)
         v_BHSA = self.v_proj(h_BTD).view(B, T, -1, self.head_dim).transpose(1, 2)
         q_BHTA, k_BHSA = apply_rope(q_BHTA, *cos_sin), apply_rope(k_BHSA, *cos_sin)
         if cache is not None:
@@ -260,6 +322,7 @@ class BamModel(BamPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = Norm(config)
+        self.rope = Rope(config)
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
@@ -281,7 +344,7 @@ class BamModel(BamPreTrainedModel):
         B, T = x_BTD.shape[:2]
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + T, device=x_BTD.device).expand(B, T)
-        cos_sin = rope_cos_sin(position_ids, config.head_dim, config.rope_theta, x_BTD.dtype)
+        cos_sin = self.rope(position_ids, x_BTD.dtype)
         mask = attention_mask_for(attention_mask, T, past_len, x_BTD.device)
 
         lb_loss = z_loss = None
