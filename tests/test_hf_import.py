@@ -11,12 +11,20 @@ from bam.errors import BamError
 SHAPE = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
 
+GRANITE = dict(embedding_multiplier=3.0, residual_multiplier=0.3, attention_multiplier=0.05, logits_scaling=2.5)
+SMOLLM3 = dict(no_rope_layer_interval=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 FAMILIES = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}),
     "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, {"sliding_window": None}),
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {}),
     "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, {"head_dim": 16}),  # its default is 128
     "cohere": (transformers.CohereConfig, transformers.CohereForCausalLM, {"logit_scale": 0.5}),
+    "olmo2": (transformers.Olmo2Config, transformers.Olmo2ForCausalLM, {}),
+    # every multiplier away from 1 (and the softmax scale from 1/sqrt(16)); a logits_scaling that is
+    # not a power of two, whose reciprocal (our logit_scale) is not exact
+    "granite": (transformers.GraniteConfig, transformers.GraniteForCausalLM, GRANITE),
+    # a NoPE layer every second layer: layer 1 of 3; tied embeddings (its default)
+    "smollm3": (transformers.SmolLM3Config, transformers.SmolLM3ForCausalLM, SMOLLM3),
 }
 
 # Llama with each RoPE scaling transformers implements, set so that scaling changes the function on
@@ -39,7 +47,7 @@ ROPE_SCALING = {
 SCALED = [f"llama-{rope_type}" for rope_type in sorted(ROPE_SCALING)]
 FAMILIES.update({f"llama-{rope_type}": (transformers.LlamaConfig, transformers.LlamaForCausalLM, extra)
                  for rope_type, extra in ROPE_SCALING.items()})
-NEW_FAMILIES = ["qwen3", *SCALED]
+NEW_FAMILIES = ["qwen3", "olmo2", "granite", "smollm3", *SCALED]
 
 
 def seq_len(family: str, usual: int) -> int:
@@ -122,11 +130,48 @@ def test_tied_embeddings_are_shared(tmp_path):
     ("mistral", {"sliding_window": 16}, "sliding"),
     ("qwen3", {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 0}, "sliding"),
     ("qwen3", {"attention_bias": True}, "attention_bias"),
+    ("olmo2", {"attention_bias": True}, "attention_bias"),
+    ("granite", {"attention_bias": True}, "attention_bias"),
+    ("granite", {"mlp_bias": True}, "mlp_bias"),
+    ("smollm3", {"attention_bias": True}, "attention_bias"),
+    ("smollm3", {"use_sliding_window": True, "sliding_window": 8}, "sliding_window=8"),
 ])
 def test_unsupported_features_are_named(family, overrides, feature, tmp_path):
     make_hf_model(family, tmp_path / "m", **overrides)
     with pytest.raises(BamError, match=feature):
         load_model(tmp_path / "m")
+
+
+# Each option the new families' parity tests rely on, switched back to Llama's behaviour in
+# transformers' own config: the logits clearly differ, so the parity above tests the option.
+PLAIN = {
+    "granite": [{"embedding_multiplier": 1.0}, {"residual_multiplier": 1.0}, {"logits_scaling": 1.0},
+                {"attention_multiplier": 0.25}],  # 1/sqrt(head_dim)
+    "smollm3": [{"no_rope_layers": [1, 1, 1]}],
+}
+
+
+@pytest.mark.parametrize("family, plain", [(f, p) for f, options in PLAIN.items() for p in options],
+                         ids=lambda v: v if isinstance(v, str) else next(iter(v)))
+def test_each_new_option_changes_the_function_it_is_tested_on(family, plain, tmp_path):
+    reference = make_hf_model(family, tmp_path / "with")
+    without = make_hf_model(family, tmp_path / "without", **plain)
+    input_ids = torch.randint(0, SHAPE["vocab_size"], (2, 17), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (reference(input_ids).logits - without(input_ids).logits).abs().max().item() > 1e-3
+
+
+def test_new_families_translate_to_their_options(tmp_path):
+    """What each family is in our config (the parity tests show these compute the same function)."""
+    expected = {
+        "olmo2": dict(norm_placement="post", qk_norm=True, qk_norm_scope="all"),
+        "granite": dict(embedding_multiplier=3.0, residual_multiplier=0.3, attention_scale=0.05, logit_scale=0.4),
+        "smollm3": dict(nope_layers=[1], tie_word_embeddings=True),
+    }
+    for family, fields in expected.items():
+        make_hf_model(family, tmp_path / family)
+        config = load_model(tmp_path / family).config
+        assert {field: getattr(config, field) for field in fields} == fields
 
 
 def test_rope_type_bam_does_not_compute_is_named(tmp_path):
@@ -203,6 +248,30 @@ def test_mix_of_identical_hf_copies_preserves_function(family, method, tmp_path)
         assert (moe(input_ids).logits - reference(input_ids).logits).abs().max().item() < 1e-4
 
 
+@pytest.mark.parametrize("method", ["btx", "bam", "bam-shared"])
+def test_olmo2_full_width_qk_norms_are_kept_per_attention_expert(method, tmp_path):
+    """Two different OLMo 2 experts: BAM puts each expert's [H*Dh] q_norm (and [H_kv*Dh] k_norm) in
+    its slot, BAM-shared keeps q_norm per expert and averages k_norm with the shared K/V, BTX
+    averages both; the output norms are averaged by every method."""
+    from bam.cli import main
+
+    experts = [make_hf_model("olmo2", tmp_path / f"e{j}", seed=j) for j in range(2)]
+    assert main(["mix", "--method", method, "--out", str(tmp_path / "moe"), str(tmp_path / "e0"),
+                 str(tmp_path / "e1")]) == 0
+    state = load_model(tmp_path / "moe").state_dict()
+
+    def theirs(name):
+        return [expert.state_dict()[f"model.layers.1.{name}"] for expert in experts]
+
+    stacked_q, stacked_k = method in ("bam", "bam-shared"), method == "bam"
+    for ours, name, stacked in (("attn.q_norm.weight", "self_attn.q_norm.weight", stacked_q),
+                                ("attn.k_norm.weight", "self_attn.k_norm.weight", stacked_k),
+                                ("attn_output_norm.weight", "post_attention_layernorm.weight", False),
+                                ("ffn_output_norm.weight", "post_feedforward_layernorm.weight", False)):
+        expected = torch.cat(theirs(name)) if stacked else (theirs(name)[0] + theirs(name)[1]) / 2
+        torch.testing.assert_close(state[f"model.layers.1.{ours}"], expected, rtol=0, atol=1e-7)
+
+
 def test_hf_export_of_new_options_runs_without_bam(tmp_path):
     """`bam export --format hf` bundles our modeling code: a BAM mix of Qwen3 copies (qk_norm) with
     YaRN, and a BAM-shared mix of Llama copies with dynamic RoPE (its state across the logits call
@@ -241,6 +310,59 @@ def test_scaled_rope_exports_back_to_llama(family, tmp_path):
     input_ids = torch.randint(0, SHAPE["vocab_size"], (2, LONG), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         assert (exported(input_ids).logits - reference(input_ids).logits).abs().max().item() < 1e-4
+
+
+# What a standard export cannot express in each new family: one reason per option, each naming it.
+STANDARD_REFUSALS = {
+    "olmo2": ["all heads' queries and keys (qk_norm)", "norm_placement='post'"],
+    "granite": ["attention_scale=0.05", "embedding_multiplier=3.0", "residual_multiplier=0.3", "logit_scale=0.4"],
+    "smollm3": ["layers [1] of this model have no positional encoding (nope_layers)"],
+}
+
+
+@pytest.mark.parametrize("family", sorted(STANDARD_REFUSALS))
+def test_new_options_block_standard_exports_pointing_to_hf(family, tmp_path, capsys):
+    from bam.cli import main
+    from bam.formats.export import export_blockers
+
+    make_hf_model(family, tmp_path / "m")
+    capsys.readouterr()  # transformers' progress bar while saving
+    assert main(["export", str(tmp_path / "m"), "--format", "llama", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.strip().endswith("(use --format hf)") and not (tmp_path / "out").exists()
+    for reason in STANDARD_REFUSALS[family]:
+        assert reason in err
+    config = load_model(tmp_path / "m").config
+    for fmt in ("mixtral", "qwen2_moe", "llama"):
+        reasons = [reason for reason, alternative in export_blockers(config, fmt) if alternative == "hf"]
+        assert len(reasons) == len(STANDARD_REFUSALS[family])
+        for expected in STANDARD_REFUSALS[family]:
+            assert sum(expected in reason for reason in reasons) == 1
+    # OLMoE's q/k norms are OLMo 2's, but bam does not write OLMoE: only hf remains
+    olmoe = export_blockers(config, "olmoe")
+    assert olmoe == [("bam does not write OLMoE checkpoints", "hf")] if family == "olmo2" else olmoe[0][1] == "qwen2_moe"
+
+
+def test_hf_export_of_new_families_runs_without_bam(tmp_path):
+    """`bam export --format hf` of a BAM mix of OLMo 2 copies (post norms, q/k norms over all heads
+    stacked per attention expert), a BAM-shared mix of Granite copies (multipliers, attention scale)
+    and a BTX mix of SmolLM3 copies (NoPE layer): our logits and tokens in a Python without bam."""
+    from bam.cli import main
+    from test_export import ours, run_outside
+
+    cases = {"olmo2": "bam", "granite": "bam-shared", "smollm3": "btx"}
+    exported = {}
+    for family, method in cases.items():
+        make_hf_model(family, tmp_path / family)
+        moe = tmp_path / f"{family}.moe"
+        assert main(["mix", "--method", method, "--top-k", "2", "--out", str(moe), *[str(tmp_path / family)] * 2]) == 0
+        exported[family] = tmp_path / f"{family}.hf"
+        assert main(["export", str(moe), "--format", "hf", "--out", str(exported[family])]) == 0
+    outside = run_outside(exported, tmp_path / "outside", remote_code=True)
+    for family in cases:
+        logits, tokens = ours(tmp_path / f"{family}.moe")
+        assert outside[family]["tokens"] == tokens
+        assert (torch.tensor(outside[family]["logits"]) - logits).abs().max().item() < 1e-5
 
 
 def test_qwen3_export_to_llama_is_refused_naming_qk_norm(tmp_path, capsys):

@@ -357,6 +357,9 @@ def _domains(n: int) -> DomainEmbeddings:
     return DomainEmbeddings({f"d{j}": torch.ones(8) for j in range(n)}, {"kind": "test"})
 
 
+OLMO2 = dict(block="sequential", norm_placement="post", qk_norm=True, qk_norm_scope="all")
+GRANITE_SMOLLM3 = dict(block="sequential", embedding_multiplier=2.0, residual_multiplier=0.5, attention_scale=0.1,
+                       logit_scale=0.25, nope_layers=[0])
 CONFIG_VARIANTS = {
     "dense": lambda make: make(),
     "sequential, layernorm, qkv bias, tied": lambda make: make(block="sequential", norm="layernorm", qkv_bias=True,
@@ -375,6 +378,10 @@ CONFIG_VARIANTS = {
     "qk_norm": lambda make: make(qk_norm=True),
     "bam, qk_norm": lambda make: mixed_config(make(qk_norm=True), "bam", 3),
     "bam-shared, qk_norm": lambda make: mixed_config(make(qk_norm=True), "bam-shared", 3),
+    "olmo2: post norms, qk_norm over all heads": lambda make: make(**OLMO2),
+    "bam, olmo2": lambda make: mixed_config(make(**OLMO2), "bam", 3),
+    "bam-shared, olmo2": lambda make: mixed_config(make(**OLMO2), "bam-shared", 3),
+    "granite multipliers, smollm3 nope layers": lambda make: mixed_config(make(**GRANITE_SMOLLM3), "bam", 2),
 }
 
 

@@ -35,6 +35,15 @@ VARIANTS = {
     "bam-topk-attn": dict(n_attn_experts=3, attn_routing="topk", attn_top_k=2, n_ffn_experts=3),
     "bam-qk-norm": dict(n_attn_experts=3, n_ffn_experts=3, qk_norm=True),
     "bam-shared-qk-norm": dict(n_attn_experts=3, kv_shared=True, n_ffn_experts=3, qk_norm=True),
+    # OLMo 2's q/k norms over all heads, Granite's attention scale, a SmolLM3 NoPE layer (layer 0)
+    "bam-qk-norm-all": dict(n_attn_experts=3, n_ffn_experts=3, qk_norm=True, qk_norm_scope="all"),
+    "bam-shared-qk-norm-all": dict(n_attn_experts=3, kv_shared=True, n_ffn_experts=3, qk_norm=True,
+                                   qk_norm_scope="all"),
+    "bam-scaled-nope": dict(n_attn_experts=3, n_ffn_experts=3, attention_scale=0.05, nope_layers=[0]),
+    "olmo2-post-norm": dict(n_attn_experts=2, n_ffn_experts=2, block="sequential", norm_placement="post",
+                            qk_norm=True, qk_norm_scope="all"),
+    "granite-multipliers": dict(n_attn_experts=2, n_ffn_experts=2, block="sequential", embedding_multiplier=3.0,
+                                residual_multiplier=0.3, attention_scale=0.05, logit_scale=0.4, nope_layers=[1]),
 }
 
 
@@ -47,14 +56,22 @@ def naive_attention(attn, h_BTD, positions):
     cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
 
     def rope(x):  # x: (B, heads, T, Dh)
+        if not attn.rope:  # a NoPE layer
+            return x
         x1, x2 = x[..., : Dh // 2], x[..., Dh // 2:]
         return x * cos + torch.cat([-x2, x1], -1) * sin
 
-    def head_norm(x, norm):  # x: (B, T, experts, heads, Dh); expert e's weight is norm.weight[e*Dh:(e+1)*Dh]
+    def head_norm(x, norm):  # x: (B, T, experts, heads, Dh); expert e's weight is norm.weight[e*W:(e+1)*W]
         if norm is None:
             return x
-        weight = norm.weight.view(-1, 1, Dh)
-        return weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps)
+        if attn.qk_norm_per_head:  # W = Dh, over each head
+            weight = norm.weight.view(-1, 1, Dh)
+            return weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps)
+        flat = x.flatten(-2)  # W = heads * Dh, over all of an expert's heads together
+        weight = norm.weight.view(x.shape[2], -1)
+        return (weight * flat * torch.rsqrt(flat.pow(2).mean(-1, keepdim=True) + norm.eps)).view_as(x)
+
+    scale = attn.scale if attn.scale is not None else 1 / math.sqrt(Dh)
 
     q_all = head_norm(attn.q_proj(h_BTD).view(B, T, N, H, Dh), attn.q_norm)
     k_all = head_norm(attn.k_proj(h_BTD).view(B, T, -1, Hkv, Dh), attn.k_norm)
@@ -67,7 +84,7 @@ def naive_attention(attn, h_BTD, positions):
         q = rope(q_all[:, :, j].transpose(1, 2))
         k = rope(k_all[:, :, kv].transpose(1, 2)).repeat_interleave(H // Hkv, dim=1)
         v = v_all[:, :, kv].transpose(1, 2).repeat_interleave(H // Hkv, dim=1)
-        scores = (q @ k.transpose(-1, -2)) / math.sqrt(Dh)
+        scores = (q @ k.transpose(-1, -2)) * scale
         out = scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v  # (B, H, T, Dh)
         o_j = attn.o_proj.weight[:, j * H * Dh:(j + 1) * H * Dh]
         mixed = mixed + gates[..., j:j + 1] * (out.transpose(1, 2).reshape(B, T, -1) @ o_j.T)
@@ -78,7 +95,8 @@ attn_theta = 10000.0
 
 
 @pytest.mark.parametrize("variant", ["dense", "bam", "bam-shared", "bam-topk-attn", "bam-qk-norm",
-                                     "bam-shared-qk-norm"])
+                                     "bam-shared-qk-norm", "bam-qk-norm-all", "bam-shared-qk-norm-all",
+                                     "bam-scaled-nope"])
 def test_mixture_of_attention_equals_naive_per_expert_attention(variant):
     config = tiny(**VARIANTS[variant])
     attn = model_for(config).model.layers[0].attn
@@ -177,6 +195,65 @@ def test_config_json_with_only_rope_theta_still_loads(tmp_path):
     old.config.save_pretrained(tmp_path / "new")
     saved = json.loads((tmp_path / "new" / "config.json").read_text())
     assert "rope_theta" not in saved and saved["rope_parameters"]["rope_theta"] == 500000.0
+
+
+def rms(x, norm):
+    return norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps))
+
+
+def test_post_norm_block_and_granite_multipliers_hand_computed():
+    """OLMo 2's block (each sublayer reads the residual stream, its output is normalized before the
+    add) with Granite's multipliers on embeddings, sublayer outputs and logits, written out."""
+    config = tiny(**VARIANTS["olmo2-post-norm"], embedding_multiplier=3.0, residual_multiplier=0.3, logit_scale=0.4)
+    model = model_for(config)
+    ids = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        x = model.model.embed_tokens(ids) * 3.0
+        cos_sin = model.model.rope(torch.arange(9).expand(2, 9), x.dtype)
+        for layer in model.model.layers:
+            assert not hasattr(layer, "input_norm") and not hasattr(layer, "post_attention_norm")
+            attn, _ = layer.attn(x, cos_sin, None, None)
+            x = x + 0.3 * rms(attn, layer.attn_output_norm)
+            x = x + 0.3 * rms(layer.ffn(x, False).y_BTD, layer.ffn_output_norm)
+        expected = model.lm_head(rms(x, model.model.norm)) * 0.4
+        torch.testing.assert_close(model(ids).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_new_options_at_their_defaults_compute_todays_numbers_bit_for_bit():
+    """Spelling out every new field's default changes nothing, for either block."""
+    defaults = dict(norm_placement="pre", qk_norm_scope="head", nope_layers=None, attention_scale=None,
+                    embedding_multiplier=1.0, residual_multiplier=1.0)
+    ids = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(0))
+    for variant in ("bam", "bam-seq-layernorm", "bam-qk-norm"):
+        with torch.no_grad():
+            today = model_for(tiny(**VARIANTS[variant]))(ids).logits
+            spelled = model_for(tiny(**VARIANTS[variant], **defaults))(ids).logits
+        assert torch.equal(today, spelled)
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("norm_placement", "sandwich", "one of"),
+    ("qk_norm_scope", "token", "one of"),
+    ("nope_layers", [2], "below num_hidden_layers=2"),
+    ("nope_layers", [1, 0], "increasing"),
+    ("attention_scale", 0.0, "positive"),
+    ("embedding_multiplier", 0.0, "non-zero"),
+    ("residual_multiplier", "1", "non-zero"),
+])
+def test_new_config_fields_are_validated(field, value, expected):
+    from bam.errors import BamError
+
+    with pytest.raises(BamError, match=f"config field {field}=.*{expected}"):
+        tiny(block="sequential", qk_norm=True, **{field: value})
+
+
+def test_post_norm_needs_a_sequential_block_and_a_scope_needs_qk_norm():
+    from bam.errors import BamError
+
+    with pytest.raises(BamError, match="norm_placement='post'.*block='parallel'"):
+        tiny(block="parallel", norm_placement="post")
+    with pytest.raises(BamError, match="qk_norm_scope='all'.*unless qk_norm"):
+        tiny(qk_norm_scope="all")
 
 
 def test_kv_sharing_equals_kv_experts_when_experts_share_kv():

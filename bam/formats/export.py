@@ -10,7 +10,8 @@ Formats (`bam export MODEL --format F --out DIR`):
                sigmoid(shared_expert_gate . h): with a zero gate row that is exactly 0.5, so our
                shared expert goes there with down_proj doubled (a power of two: exact in floating
                point). Without one, we write a width-1 shared expert of zeros, which adds exactly 0.
-    olmoe      refused: OLMoE applies RMSNorm to every query and key (q_norm/k_norm, no switch).
+    olmoe      refused: OLMoE applies RMSNorm to every query and key (q_norm/k_norm, no switch), and
+               bam does not write it for a model that does (qk_norm_scope='all', an OLMo 2 seed).
     llama      LlamaForCausalLM, for dense models (one FFN expert).
     hf         our own model with its modeling code (`auto_map`), for every variant (BAM included):
                loads with `trust_remote_code=True` in a Python without bam installed.
@@ -80,8 +81,10 @@ def export_blockers(config: BamConfig, fmt: str) -> list[tuple[str, str]]:
     Empty when it can (the parity check still has the last word).
     """
     if fmt == "olmoe":
+        if config.qk_norm and config.qk_norm_scope == "all":
+            return [("bam does not write OLMoE checkpoints", "hf")]
         return [("OLMoE always applies RMSNorm across all heads' queries and keys (q_norm/k_norm), which "
-                 "bam's attention does not have (its qk_norm is per head)", "qwen2_moe")]
+                 "this model does not (only qk_norm with qk_norm_scope='all' does)", "qwen2_moe")]
     reasons = []
     if config.block != "sequential":
         reasons.append((f"{fmt} has a sequential block and this model a parallel one "
@@ -99,7 +102,20 @@ def export_blockers(config: BamConfig, fmt: str) -> list[tuple[str, str]]:
     if config.logit_scale != 1.0:
         reasons.append((f"logit_scale={config.logit_scale} and {fmt} does not scale logits", "hf"))
     if config.qk_norm:
-        reasons.append((f"this model normalizes each head's queries and keys (qk_norm) and {fmt} does not", "hf"))
+        scope = "each head's" if config.qk_norm_scope == "head" else "all heads'"
+        reasons.append((f"this model normalizes {scope} queries and keys (qk_norm) and {fmt} does not", "hf"))
+    if config.norm_placement != "pre":
+        reasons.append((f"this model normalizes each sublayer's output (norm_placement="
+                        f"{config.norm_placement!r}) and {fmt} each sublayer's input", "hf"))
+    if config.nope_layers:
+        reasons.append((f"layers {config.nope_layers} of this model have no positional encoding "
+                        f"(nope_layers) and {fmt} applies RoPE in every layer", "hf"))
+    if config.attention_scale is not None:
+        reasons.append((f"attention_scale={config.attention_scale} and {fmt} scales attention by "
+                        f"1/sqrt(head_dim)", "hf"))
+    for field in ("embedding_multiplier", "residual_multiplier"):
+        if getattr(config, field) != 1.0:
+            reasons.append((f"{field}={getattr(config, field)} and {fmt} has no such multiplier", "hf"))
     if fmt == "mixtral":
         if not config.ffn_renormalize and config.ffn_top_k < config.n_ffn_experts:
             reasons.append((f"Mixtral renormalizes the top-k gates and this model does not "

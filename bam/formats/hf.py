@@ -5,8 +5,10 @@ so `bam mix`, `bam train` and `load_model` accept it directly. Each family's fea
 model cannot express are refused by name rather than silently dropped.
 
 Supported: Llama, Mistral, Qwen2, Qwen3 (sequential block, RMSNorm; Qwen3 with per-head q/k norms),
-Cohere (parallel block, LayerNorm without bias, interleaved RoPE, logit scale), each with plain RoPE
-or any RoPE scaling transformers implements for it (llama3, linear, dynamic, yarn, longrope).
+OLMo 2 (norms on the sublayers' outputs, q/k norms over all heads), Granite (embedding, residual,
+attention and logit multipliers), SmolLM3 (NoPE layers), Cohere (parallel block, LayerNorm without
+bias, interleaved RoPE, logit scale), each with plain RoPE or any RoPE scaling transformers
+implements for it (llama3, linear, dynamic, yarn, longrope).
 Recognised but refused, because every checkpoint of these families needs something our model lacks:
 GPT-NeoX and Phi (a non-gated GELU MLP, LayerNorm and projection biases, partial rotary
 embeddings); the error lists each missing feature.
@@ -21,21 +23,21 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, PreTrainedConfig
 
-from bam.formats.names import DENSE_MLP, LLAMA_NAMES, QWEN3_NAMES, hf_name, layer_prefix
+from bam.formats.names import DENSE_MLP, LLAMA_NAMES, OLMO2_NAMES, QWEN3_NAMES, hf_name, layer_prefix
 from bam.formats.source import ModelSource
 from bam.io.tensor_files import SafetensorsFiles
 from bam.modeling.config import ROPE_TYPES, config_from_dict
 from bam.modeling.layout import Param, parameter_table
 from bam.errors import BamError
 
-SEQUENTIAL_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+SEQUENTIAL_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "olmo2", "granite", "smollm3")
 PARALLEL_FAMILIES = ("cohere",)
 SUPPORTED_FAMILIES = SEQUENTIAL_FAMILIES + PARALLEL_FAMILIES
 # Families we know and whose checkpoints we cannot express today (see `_missing_features`): they
 # get an error naming every missing feature instead of "model_type not supported".
 REFUSED_FAMILIES = ("gpt_neox", "phi")
 # Each family's tensor names (bam/formats/names.py); the rest name theirs as Llama does.
-FAMILY_NAMES = {"qwen3": QWEN3_NAMES}
+FAMILY_NAMES = {"qwen3": QWEN3_NAMES, "olmo2": OLMO2_NAMES}
 
 
 def _refuse(path: Path, family: str, feature: str) -> None:
@@ -90,11 +92,14 @@ def translate_config(hf: PreTrainedConfig, path: Path) -> dict:
         _refuse(path, family, f"hidden_act={hf.hidden_act!r} (only SwiGLU with silu)")
     if getattr(hf, "mlp_bias", False):
         _refuse(path, family, "mlp_bias=True")
-    if family in ("mistral", "qwen2", "qwen3") and getattr(hf, "sliding_window", None) is not None \
-            and getattr(hf, "use_sliding_window", True) \
-            and hf.sliding_window < hf.max_position_embeddings:
-        _refuse(path, family, f"sliding-window attention (sliding_window={hf.sliding_window})")
-    if family in ("llama", "qwen3") and getattr(hf, "attention_bias", False):
+    window = getattr(hf, "sliding_window", None)
+    if window is not None and window < hf.max_position_embeddings and (
+            family in ("mistral", "qwen2", "qwen3") and getattr(hf, "use_sliding_window", True)
+            # SmolLM3's mask slides in the layers its layer_types call sliding (use_sliding_window
+            # makes the NoPE layers such), whatever use_sliding_window says
+            or family == "smollm3" and "sliding_attention" in (hf.layer_types or ())):
+        _refuse(path, family, f"sliding-window attention (sliding_window={window})")
+    if family in ("llama", "qwen3", "olmo2", "granite", "smollm3") and getattr(hf, "attention_bias", False):
         _refuse(path, family, "attention_bias=True (a bias on o_proj)")
     if family == "cohere" and getattr(hf, "use_qk_norm", False):
         _refuse(path, family, "use_qk_norm=True")
@@ -118,13 +123,33 @@ def translate_config(hf: PreTrainedConfig, path: Path) -> dict:
     )
     if family in SEQUENTIAL_FAMILIES:
         fields.update(block="sequential", norm="rmsnorm", norm_eps=hf.rms_norm_eps, qkv_bias=family == "qwen2",
-                      qk_norm=family == "qwen3")
+                      qk_norm=family in ("qwen3", "olmo2"))
+        if family == "olmo2":
+            fields.update(norm_placement="post", qk_norm_scope="all")
+        if family == "granite":
+            fields.update(embedding_multiplier=float(hf.embedding_multiplier),
+                          residual_multiplier=float(hf.residual_multiplier),
+                          attention_scale=float(hf.attention_multiplier),
+                          # Granite divides the logits by logits_scaling; the reciprocal is exact for
+                          # a power of two (released checkpoints: 8, 16), else within an ulp
+                          logit_scale=1.0 / hf.logits_scaling)
+        if family == "smollm3":
+            fields.update(nope_layers=_nope_layers(hf, path))
     else:
         fields.update(block="parallel", norm="layernorm", norm_eps=hf.layer_norm_eps,
                       logit_scale=float(hf.logit_scale), qkv_bias=bool(getattr(hf, "attention_bias", False)))
         if fields["qkv_bias"]:
             _refuse(path, family, "attention_bias=True (a bias on o_proj)")
     return fields
+
+
+def _nope_layers(hf: PreTrainedConfig, path: Path) -> list[int] | None:
+    """SmolLM3's `no_rope_layers` (per layer: 1 applies RoPE, 0 is a NoPE layer) as our indices."""
+    flags = hf.no_rope_layers
+    if len(flags) < hf.num_hidden_layers:
+        raise BamError(f"{path}/config.json: field no_rope_layers has {len(flags)} entries, expected one per "
+                       f"layer (num_hidden_layers={hf.num_hidden_layers})")
+    return [i for i in range(hf.num_hidden_layers) if not flags[i]] or None
 
 
 def interleaved_to_half_rope(weight: torch.Tensor, head_dim: int) -> torch.Tensor:

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from bam.modeling.layout import Param
 
-# Llama and every family that kept its names: Mistral, Qwen2, Cohere, and on export Mixtral and
-# Qwen2-MoE (their attention, norms and embeddings).
+# Llama and every family that kept its names: Mistral, Qwen2, Cohere, Granite, SmolLM3, and on
+# export Mixtral and Qwen2-MoE (their attention, norms and embeddings).
 LLAMA_NAMES = {
     "model.embed_tokens.weight": "model.embed_tokens.weight",
     "model.norm.weight": "model.norm.weight",
@@ -28,6 +28,14 @@ QWEN3_NAMES = {
     **LLAMA_NAMES,
     "attn.q_norm.weight": "self_attn.q_norm.weight",
     "attn.k_norm.weight": "self_attn.k_norm.weight",
+}
+# OLMo 2: Qwen3's q/k norm names (over all heads: our qk_norm_scope='all'), and norms on the
+# sublayers' outputs instead of their inputs (our norm_placement='post').
+OLMO2_NAMES = {
+    **{ours: theirs for ours, theirs in QWEN3_NAMES.items()
+       if ours not in ("input_norm.weight", "post_attention_norm.weight")},
+    "attn_output_norm.weight": "post_attention_layernorm.weight",
+    "ffn_output_norm.weight": "post_feedforward_layernorm.weight",
 }
 DENSE_MLP = {
     "ffn.experts.gate_up_proj": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),

@@ -41,8 +41,9 @@ NEXUS_AUX_LOSS_COEF = 0.05
 # tensor's shape, or they change the function the shared (averaged) parameters compute.
 COMPATIBILITY_FIELDS = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "block", "norm", "norm_eps", "rope_parameters", "qkv_bias",
-    "qk_norm", "tie_word_embeddings", "logit_scale",
+    "num_key_value_heads", "head_dim", "block", "norm", "norm_eps", "norm_placement", "rope_parameters",
+    "qkv_bias", "qk_norm", "qk_norm_scope", "nope_layers", "attention_scale", "tie_word_embeddings",
+    "embedding_multiplier", "residual_multiplier", "logit_scale",
 )
 
 

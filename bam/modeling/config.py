@@ -25,6 +25,12 @@ EXPERT_DISPATCHES = ("grouped", "loop")
 # in ROPE_INIT_FUNCTIONS, which bam/modeling/model.py calls rather than re-deriving them.
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
 DEFAULT_ROPE_THETA = 10000.0
+# Where a sequential block's norms sit: before each sublayer (Llama), or on each sublayer's output
+# before the residual add (OLMo 2).
+NORM_PLACEMENTS = ("pre", "post")
+# What one q/k norm (`qk_norm`) normalizes: each head's Dh values (Qwen3), or all heads' values of a
+# token together, H*Dh for queries and H_kv*Dh for keys (OLMo 2).
+QK_NORM_SCOPES = ("head", "all")
 
 
 class BamConfig(PreTrainedConfig):
@@ -33,9 +39,10 @@ class BamConfig(PreTrainedConfig):
     Parameter layout (what `mix` writes and `hf` import maps onto), per layer `i`:
       attention projections are stacked expert-major: `q_proj` is [n_attn_experts*H*Dh, d];
       `k_proj`/`v_proj` are [n_kv_experts*H_kv*Dh, d] where n_kv_experts is 1 with `kv_shared`;
-      `o_proj` is [d, n_attn_experts*H*Dh]; with `qk_norm`, the per-head query and key norms hold
-      one [Dh] weight per expert, stacked 1-D like every norm weight (so they never decay):
-      `q_norm` [n_attn_experts*Dh], `k_norm` [n_kv_experts*Dh]. FFN experts are 3-D like Mixtral's:
+      `o_proj` is [d, n_attn_experts*H*Dh]; with `qk_norm`, the query and key norms hold one weight
+      per expert, stacked 1-D like every norm weight (so they never decay): per head,
+      `q_norm` [n_attn_experts*Dh], `k_norm` [n_kv_experts*Dh]; over all heads (qk_norm_scope='all'),
+      `q_norm` [n_attn_experts*H*Dh], `k_norm` [n_kv_experts*H_kv*Dh]. FFN experts are 3-D like Mixtral's:
       `gate_up_proj` [n_ffn_experts, 2*d_ff, d] (gate rows first) and `down_proj` [E, d, d_ff].
     With `ffn_shared_expert`, the always-on expert is 2-D: `ffn.shared_expert.gate_up_proj`
     [2*d_ff, d] and `ffn.shared_expert.down_proj` [d, d_ff]. The FFN router is `ffn.router.weight`
@@ -58,13 +65,26 @@ class BamConfig(PreTrainedConfig):
     block: str = "parallel"
     norm: str = "rmsnorm"
     norm_eps: float = 1e-5
+    # One of NORM_PLACEMENTS; 'post' (OLMo 2) needs block='sequential'.
+    norm_placement: str = "pre"
     # RoPE as transformers 5 configs describe it: `rope_type` (one of ROPE_TYPES), `rope_theta`, and
     # that type's scaling fields (factor, original_max_position_embeddings, ...). A config.json
     # written before this field carries a bare `rope_theta` instead: see __post_init__.
     rope_parameters: dict | None = None
     qkv_bias: bool = False
-    # Qwen3: RMSNorm (of kind `norm`, eps `norm_eps`) over each head's queries and keys before RoPE.
+    # RMSNorm (of kind `norm`, eps `norm_eps`) of queries and keys before RoPE, over `qk_norm_scope`
+    # (one of QK_NORM_SCOPES): each head (Qwen3) or all heads together (OLMo 2).
     qk_norm: bool = False
+    qk_norm_scope: str = "head"
+    # Layers (indices) whose attention has no positional encoding at all (NoPE, SmolLM3).
+    nope_layers: list[int] | None = None
+    # The softmax scale of attention; None is 1/sqrt(head_dim). Granite's attention_multiplier.
+    attention_scale: float | None = None
+    # Granite: token embeddings are multiplied by embedding_multiplier, each sublayer's output by
+    # residual_multiplier before it is added to the residual stream, and the logits by logit_scale
+    # (Cohere's; Granite's divisor logits_scaling is 1 / logit_scale).
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
     logit_scale: float = 1.0
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
@@ -150,6 +170,9 @@ class BamConfig(PreTrainedConfig):
         check(self.head_dim % 2 == 0, "head_dim", "an even number (RoPE rotates pairs)")
         check(self.block in BLOCKS, "block", f"one of {BLOCKS}")
         check(self.norm in NORMS, "norm", f"one of {NORMS}")
+        check(self.norm_placement in NORM_PLACEMENTS, "norm_placement", f"one of {NORM_PLACEMENTS}")
+        check(self.norm_placement == "pre" or self.block == "sequential", "norm_placement",
+              "'pre' with block='parallel' (its attention and FFN share one input norm)")
         check(self.attn_routing in ATTN_ROUTINGS, "attn_routing", f"one of {ATTN_ROUTINGS}")
         check(self.ffn_router in FFN_ROUTERS, "ffn_router", f"one of {FFN_ROUTERS}")
         check(self.expert_dispatch in EXPERT_DISPATCHES, "expert_dispatch", f"one of {EXPERT_DISPATCHES}")
@@ -172,6 +195,20 @@ class BamConfig(PreTrainedConfig):
         check(self.router_z_loss_coef >= 0, "router_z_loss_coef", "a non-negative number")
         check(isinstance(self.ffn_shared_expert, bool), "ffn_shared_expert", "true or false")
         check(isinstance(self.qk_norm, bool), "qk_norm", "true or false")
+        check(self.qk_norm_scope in QK_NORM_SCOPES and (self.qk_norm or self.qk_norm_scope == "head"),
+              "qk_norm_scope", f"one of {QK_NORM_SCOPES} ('head' unless qk_norm)")
+        layers = self.nope_layers
+        check(layers is None or (isinstance(layers, list) and layers == sorted(set(layers))
+                                 and all(isinstance(i, int) and not isinstance(i, bool)
+                                         and 0 <= i < self.num_hidden_layers for i in layers)),
+              "nope_layers", f"null or increasing layer indices below num_hidden_layers={self.num_hidden_layers}")
+        scale = self.attention_scale
+        check(scale is None or (isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0),
+              "attention_scale", "null (1/sqrt(head_dim)) or a positive number")
+        for field in ("embedding_multiplier", "residual_multiplier", "logit_scale"):
+            value = getattr(self, field)
+            check(isinstance(value, (int, float)) and not isinstance(value, bool) and value != 0, field,
+                  "a non-zero number")
         for field in ("nexus_embed_dim", "nexus_hidden_dim"):
             value = getattr(self, field)
             if self.ffn_router == "nexus":

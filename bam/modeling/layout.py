@@ -12,7 +12,8 @@ projection) is the one bam/modeling/config.py describes.
     role               tensors                                    experts along   decays  trains
     embedding          model.embed_tokens.weight                  -               yes     yes
     lm_head            lm_head.weight (absent when tied)          -               yes     yes
-    norm               input_norm, post_attention_norm, norm      -               no      yes
+    norm               input_norm, post_attention_norm, norm;     -               no      yes
+                       attn_output_norm, ffn_output_norm (post)
     attn_query         attn.q_proj (weight, bias), attn.o_proj,   q: 0, o: 1      yes     yes
                        attn.q_norm (qk_norm)                      0               no      yes
     attn_key_value     attn.k_proj, attn.v_proj (weight, bias),   0               yes     yes
@@ -24,11 +25,16 @@ projection) is the one bam/modeling/config.py describes.
     ffn_experts        ffn.experts.gate_up_proj, down_proj        0               yes     yes
     shared_expert      ffn.shared_expert.gate_up_proj, down_proj  -               yes     yes
 
-The per-head q/k norms (`qk_norm`, Qwen3) belong to the attention expert whose heads they normalize,
-so BAM stacks them with its queries (and keys, with KV experts) and BTX averages them. Each holds
-one [head_dim] weight per expert, stacked expert-major into one 1-D tensor: q_norm
-[n_attn_experts * head_dim], k_norm [n_kv_experts * head_dim]; 1-D, so like every norm weight
-they do not decay.
+The q/k norms (`qk_norm`) belong to the attention expert whose heads they normalize, so BAM stacks
+them with its queries (and keys, with KV experts) and BTX averages them. Each holds one weight per
+expert, stacked expert-major into one 1-D tensor: per head (Qwen3) q_norm [n_attn_experts * head_dim]
+and k_norm [n_kv_experts * head_dim]; over all heads (qk_norm_scope='all', OLMo 2) q_norm
+[n_attn_experts * H * head_dim] and k_norm [n_kv_experts * H_kv * head_dim]; 1-D, so like every
+norm weight they do not decay.
+
+With norm_placement='post' (OLMo 2) a layer has no input norms: `attn_output_norm` normalizes the
+attention's output (the mixture's, after o_proj) and `ffn_output_norm` the FFN's, each before the
+residual add; one per layer like any norm, so every method averages them.
 
 Biases decay in no role (the nanoGPT/LLaMA convention, as for norms). Routers do not decay either:
 decay pulls them to zero, towards uniform routing, which fights the experts' specialisation. A
@@ -95,6 +101,14 @@ class Param:
         return n
 
 
+def qk_norm_widths(config: BamConfig) -> tuple[int, int]:
+    """One attention expert's query and key norm widths: a head's (Qwen3) or all heads' (OLMo 2)."""
+    a = config.head_dim
+    if config.qk_norm_scope == "head":
+        return a, a
+    return config.num_attention_heads * a, config.num_key_value_heads * a
+
+
 def layer_parameters(config: BamConfig, i: int) -> list[Param]:
     """The tensors of layer `i`, in module order."""
     d, f = config.hidden_size, config.intermediate_size
@@ -106,9 +120,12 @@ def layer_parameters(config: BamConfig, i: int) -> list[Param]:
     def param(local: str, shape: tuple[int, ...], role: str, expert_dim: int | None = None) -> Param:
         return Param(prefix + local, shape, role, expert_dim, i)
 
-    params = [param("input_norm.weight", (d,), "norm")]
-    if config.block == "sequential":
-        params.append(param("post_attention_norm.weight", (d,), "norm"))
+    if config.norm_placement == "post":  # OLMo 2: each sublayer's output, before the residual add
+        params = [param("attn_output_norm.weight", (d,), "norm"), param("ffn_output_norm.weight", (d,), "norm")]
+    else:
+        params = [param("input_norm.weight", (d,), "norm")]
+        if config.block == "sequential":
+            params.append(param("post_attention_norm.weight", (d,), "norm"))
     for proj, width, role in (("q", q_width, "attn_query"), ("k", kv_width, "attn_key_value"),
                               ("v", kv_width, "attn_key_value")):
         params.append(param(f"attn.{proj}_proj.weight", (width, d), role, 0))
@@ -116,9 +133,9 @@ def layer_parameters(config: BamConfig, i: int) -> list[Param]:
             params.append(param(f"attn.{proj}_proj.bias", (width,), role, 0))
     params.append(param("attn.o_proj.weight", (d, q_width), "attn_query", 1))
     if config.qk_norm:
-        a = config.head_dim
-        params += [param("attn.q_norm.weight", (config.n_attn_experts * a,), "attn_query", 0),
-                   param("attn.k_norm.weight", (config.n_kv_experts * a,), "attn_key_value", 0)]
+        q_norm, k_norm = qk_norm_widths(config)
+        params += [param("attn.q_norm.weight", (config.n_attn_experts * q_norm,), "attn_query", 0),
+                   param("attn.k_norm.weight", (config.n_kv_experts * k_norm,), "attn_key_value", 0)]
     if config.n_attn_experts > 1:
         params.append(param("attn.router.weight", (config.n_attn_experts, d), "attn_router"))
     if config.ffn_router == "nexus":

@@ -3,18 +3,22 @@
 Block (METHOD.md section 2), with h = Norm(x):
     parallel:   y = x + Attention(h) + FFN(h)
     sequential: y1 = x + Attention(Norm1(x)); y = y1 + FFN(Norm2(y1))
+    sequential, norm_placement='post' (OLMo 2): y1 = x + Norm1(Attention(x)); y = y1 + Norm2(FFN(y1))
+(with Granite's residual_multiplier m, each sublayer's output is m * ... before the add).
 Attention is a soft mixture of E attention experts (METHOD.md 3.2), computed as one
 scaled-dot-product attention over E*H query heads; FFN is a routed mixture of SwiGLU experts with
 a linear or Nexus router and an optional always-on shared expert (bam/modeling/moe.py). With E = 1 both
 are the ordinary dense modules.
-Positions: rotate-half RoPE, plain or with a scaling rule of transformers' (`rope_parameters`, Rope);
-with `qk_norm` each head's queries and keys are normalized before it (Qwen3).
+Positions: rotate-half RoPE, plain or with a scaling rule of transformers' (`rope_parameters`, Rope),
+or none in the `nope_layers` (SmolLM3); with `qk_norm` queries and keys are normalized before it,
+each head's (Qwen3) or all heads' together (OLMo 2).
 
 Shape suffixes: the letters of bam/modeling/__init__.py.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +31,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 
 from bam.modeling.config import BamConfig
+from bam.modeling.layout import qk_norm_widths
 from bam.modeling.loss import linear_cross_entropy
 from bam.modeling.moe import fp32_linear, LinearRouter, MoEFFN, NexusRouter, SwiGLU, SwiGLUExperts
 from bam.modeling.transformers_compat import cache_argument, cache_name
@@ -35,16 +40,17 @@ from bam.modeling.transformers_compat import cache_argument, cache_name
 class Norm(nn.Module):
     """RMSNorm (Llama) or LayerNorm without bias (Cohere) over the last dim, computed in fp32.
 
-    With `experts` it is the per-head query or key norm of `qk_norm` (Qwen3): x is [..., E, heads, A]
-    and each of the E attention experts has its own [A] weight, stored stacked as one [E * A].
+    With a `shape` it is a query or key norm of `qk_norm`, one weight per attention expert stored
+    stacked as one 1-D tensor and viewed as `shape` to broadcast: (E, 1, A) over x [..., E, heads, A]
+    per head (Qwen3), (E, H*A) over x [..., E, H*A] for all heads together (OLMo 2).
     """
 
-    def __init__(self, config: BamConfig, experts: int = 0):
+    def __init__(self, config: BamConfig, shape: tuple[int, ...] | None = None):
         super().__init__()
         self.kind = config.norm
         self.eps = config.norm_eps
-        self.weight = nn.Parameter(torch.ones(experts * config.head_dim if experts else config.hidden_size))
-        self.weight_shape = (experts, 1, config.head_dim) if experts else None
+        self.weight = nn.Parameter(torch.ones(math.prod(shape) if shape else config.hidden_size))
+        self.weight_shape = shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
@@ -186,8 +192,15 @@ class MixtureOfAttention(nn.Module):
         self.k_proj = nn.Linear(d, kv_width, bias=config.qkv_bias)
         self.v_proj = nn.Linear(d, kv_width, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.n_experts * q_width, d, bias=False)
-        self.q_norm = Norm(config, experts=self.n_experts) if config.qk_norm else None
-        self.k_norm = Norm(config, experts=config.n_kv_experts) if config.qk_norm else None
+        self.qk_norm_per_head = config.qk_norm_scope == "head"
+        self.q_norm = self.k_norm = None
+        if config.qk_norm:
+            q_width, k_width = qk_norm_widths(config)
+            per_head = (1,) if self.qk_norm_per_head else ()
+            self.q_norm = Norm(config, (self.n_experts, *per_head, q_width))
+            self.k_norm = Norm(config, (config.n_kv_experts, *per_head, k_width))
+        self.rope = layer_idx not in (config.nope_layers or ())  # False: a NoPE layer (SmolLM3)
+        self.scale = config.attention_scale  # None: SDPA's 1/sqrt(head_dim)
         self.router = nn.Linear(d, self.n_experts, bias=False) if self.n_experts > 1 else None
 
     def gates(self, h_BTD: torch.Tensor) -> torch.Tensor:
@@ -204,18 +217,22 @@ class MixtureOfAttention(nn.Module):
         head_order = (0, 3, 2, 4, 1, 5) if self.kv_shared else (0, 2, 3, 4, 1, 5)
         q_BTEHA = self.q_proj(h_BTD).view(B, T, E, self.n_heads, self.head_dim)
         k_BTEHA = self.k_proj(h_BTD).view(B, T, -1, self.n_kv_heads, self.head_dim)
-        if self.q_norm is not None:  # qk_norm: each head's query and key, before RoPE
+        if self.q_norm is not None and self.qk_norm_per_head:  # qk_norm: each head's query and key, before RoPE
             q_BTEHA, k_BTEHA = self.q_norm(q_BTEHA), self.k_norm(k_BTEHA)
+        elif self.q_norm is not None:  # all of an expert's heads together
+            q_BTEHA = self.q_norm(q_BTEHA.flatten(-2)).view_as(q_BTEHA)
+            k_BTEHA = self.k_norm(k_BTEHA.flatten(-2)).view_as(k_BTEHA)
         q = q_BTEHA.view(B, T, E, self.n_kv_heads, group, self.head_dim)
         q_BHTA = q.permute(head_order).reshape(B, E * self.n_heads, T, self.head_dim)
         k_BHSA = k_BTEHA.view(B, T, -1, self.head_dim).transpose(1, 2)
         v_BHSA = self.v_proj(h_BTD).view(B, T, -1, self.head_dim).transpose(1, 2)
-        q_BHTA, k_BHSA = apply_rope(q_BHTA, *cos_sin), apply_rope(k_BHSA, *cos_sin)
+        if self.rope:
+            q_BHTA, k_BHSA = apply_rope(q_BHTA, *cos_sin), apply_rope(k_BHSA, *cos_sin)
         if cache is not None:
             k_BHSA, v_BHSA = cache.update(k_BHSA, v_BHSA, self.layer_idx)
 
         o_BHTA = F.scaled_dot_product_attention(
-            q_BHTA, k_BHSA, v_BHSA, attn_mask=mask, is_causal=mask is None and T > 1,
+            q_BHTA, k_BHSA, v_BHSA, attn_mask=mask, is_causal=mask is None and T > 1, scale=self.scale,
             enable_gqa=q_BHTA.shape[1] != k_BHSA.shape[1],
         )
         # Back to (B, T, E, H, A): inverse of head_order.
@@ -233,20 +250,34 @@ class Block(nn.Module):
     def __init__(self, config: BamConfig, layer_idx: int):
         super().__init__()
         self.parallel = config.block == "parallel"
-        self.input_norm = Norm(config)
-        self.post_attention_norm = None if self.parallel else Norm(config)
+        self.post_norm = config.norm_placement == "post"
+        self.residual_multiplier = config.residual_multiplier
+        if self.post_norm:  # module order = the layout table's (bam/modeling/layout.py)
+            self.attn_output_norm, self.ffn_output_norm = Norm(config), Norm(config)
+        else:
+            self.input_norm = Norm(config)
+            self.post_attention_norm = None if self.parallel else Norm(config)
         self.attn = MixtureOfAttention(config, layer_idx)
         self.ffn = MoEFFN(config)
 
+    def residual(self, y_BTD: torch.Tensor) -> torch.Tensor:
+        """A sublayer's output as added to the residual stream (Granite scales it)."""
+        return y_BTD if self.residual_multiplier == 1.0 else y_BTD * self.residual_multiplier
+
     def forward(self, x_BTD, cos_sin, mask, cache, aux_losses: bool):
+        if self.post_norm:  # OLMo 2: the sublayers read the residual stream, their outputs are normalized
+            attn_BTD, attn_gates = self.attn(x_BTD, cos_sin, mask, cache)
+            x_BTD = x_BTD + self.residual(self.attn_output_norm(attn_BTD))
+            ffn = self.ffn(x_BTD, aux_losses)
+            return x_BTD + self.residual(self.ffn_output_norm(ffn.y_BTD)), ffn, attn_gates
         h_BTD = self.input_norm(x_BTD)
         attn_BTD, attn_gates = self.attn(h_BTD, cos_sin, mask, cache)
         if self.parallel:
             ffn = self.ffn(h_BTD, aux_losses)
-            return x_BTD + attn_BTD + ffn.y_BTD, ffn, attn_gates
-        x_BTD = x_BTD + attn_BTD
+            return x_BTD + self.residual(attn_BTD) + self.residual(ffn.y_BTD), ffn, attn_gates
+        x_BTD = x_BTD + self.residual(attn_BTD)
         ffn = self.ffn(self.post_attention_norm(x_BTD), aux_losses)
-        return x_BTD + ffn.y_BTD, ffn, attn_gates
+        return x_BTD + self.residual(ffn.y_BTD), ffn, attn_gates
 
 
 @dataclass
@@ -335,6 +366,8 @@ class BamModel(BamPreTrainedModel):
         cache = cache_argument(cache, kwargs)
         aux_losses = self.training if aux_losses is None else aux_losses
         x_BTD = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        if config.embedding_multiplier != 1.0:  # Granite (inputs_embeds too, as transformers does)
+            x_BTD = x_BTD * config.embedding_multiplier
         use_cache = config.use_cache if use_cache is None else use_cache
         if not use_cache:
             cache = None
