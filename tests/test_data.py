@@ -692,7 +692,7 @@ def test_bam_train_on_a_too_small_text_file_says_how_small(tmp_path, capsys):
     assert err.count("\n") == 1, err
     assert err.startswith(f"bam train: error: domain 'tiny': validation split is empty: {path} is {len(text)} bytes "
                           "in 1 document; holding out 5% needs ~59 documents (~88 KB of text"), err
-    assert err.rstrip().endswith("add text, raise --val-fraction, or pass --eval-every 0"), err
+    assert err.rstrip().endswith("add text, raise val_fraction, or set eval_every to 0"), err
     assert not (tmp_path / "run" / "model").exists()
 
 

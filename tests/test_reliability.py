@@ -509,7 +509,7 @@ def _(ws):
 @case("sequence-beyond-context")
 def _(ws):
     return (ws.train(ws.assets.seed, *ws.assets.data("code"), extra=["--seq-len", "100000"]),
-            ["--seq-len 100000", "beyond the model's context", "max_position_embeddings="])
+            ["seq_len=100000", "beyond the model's context", "max_position_embeddings="])
 
 
 def _small_vocab_model(ws) -> Path:
