@@ -213,9 +213,9 @@ def tensor_plan(config: BamConfig, fmt: str, dtype: torch.dtype) -> dict[str, Pr
         if fmt == "llama":
             if config.qkv_bias:  # Llama's attention_bias also puts a bias on o_proj: make it zero
                 plan[theirs + "self_attn.o_proj.bias"] = zeros(d)
-            gate, up = DENSE_MLP["ffn.experts.gate_up_proj"]
-            plan[theirs + gate] = (gate_up,), lambda t: t[0, :f]
-            plan[theirs + up] = (gate_up,), lambda t: t[0, f:]
+            gate_name, up_name = DENSE_MLP["ffn.experts.gate_up_proj"]
+            plan[theirs + gate_name] = (gate_up,), lambda t: t[0, :f]
+            plan[theirs + up_name] = (gate_up,), lambda t: t[0, f:]
             plan[theirs + DENSE_MLP["ffn.experts.down_proj"][0]] = (down,), lambda t: t[0]
             continue
         router, gate = ours + "ffn.router.", theirs + MOE_MLP["ffn.router.weight"]

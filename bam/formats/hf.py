@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, PreTrainedConfig
 
-from bam.formats.names import DENSE_MLP, LLAMA_NAMES, OLMO2_NAMES, QWEN3_NAMES, hf_name, layer_prefix
+from bam.formats.names import DENSE_MLP, FAMILY_NAMES, LLAMA_NAMES, hf_name, layer_prefix
 from bam.formats.source import ModelSource
 from bam.io.tensor_files import SafetensorsFiles
 from bam.modeling.config import ROPE_TYPES, config_from_dict
@@ -36,8 +36,6 @@ SUPPORTED_FAMILIES = SEQUENTIAL_FAMILIES + PARALLEL_FAMILIES
 # Families we know and whose checkpoints we cannot express today (see `_missing_features`): they
 # get an error naming every missing feature instead of "model_type not supported".
 REFUSED_FAMILIES = ("gpt_neox", "phi")
-# Each family's tensor names (bam/formats/names.py); the rest name theirs as Llama does.
-FAMILY_NAMES = {"qwen3": QWEN3_NAMES, "olmo2": OLMO2_NAMES}
 
 
 def _refuse(path: Path, family: str, feature: str) -> None:

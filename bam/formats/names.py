@@ -37,6 +37,8 @@ OLMO2_NAMES = {
     "attn_output_norm.weight": "post_attention_layernorm.weight",
     "ffn_output_norm.weight": "post_feedforward_layernorm.weight",
 }
+# Each family's map; a family not listed names its tensors as Llama does.
+FAMILY_NAMES = {"qwen3": QWEN3_NAMES, "olmo2": OLMO2_NAMES}
 DENSE_MLP = {
     "ffn.experts.gate_up_proj": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
     "ffn.experts.down_proj": ("mlp.down_proj.weight",),

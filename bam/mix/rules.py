@@ -39,7 +39,7 @@ import torch
 
 from bam.errors import BamError
 from bam.modeling.config import BamConfig
-from bam.modeling.layout import Param
+from bam.modeling.layout import ROUTER_ROLES, Param
 
 NEXUS_METHODS = ("nexus", "nexus-bam", "nexus-bam-shared")
 METHODS = ("btx", "bam", "bam-shared", "upcycle", *NEXUS_METHODS)
@@ -67,7 +67,7 @@ PER_EXPERT_ATTENTION["nexus-bam-shared"] = PER_EXPERT_ATTENTION["bam-shared"]
 
 def tensor_rule(param: Param, method: str) -> Rule:
     """How output tensor `param` is built under `method` (the table in this module's docstring)."""
-    if param.role in ("attn_router", "ffn_router", "nexus_projection"):  # new, like any router
+    if param.role in ROUTER_ROLES:  # new, like any router
         return Rule("router")
     if param.role == "domain_embeddings":
         return Rule("domain_embeddings")

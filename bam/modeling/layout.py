@@ -43,6 +43,7 @@ Nexus expert's domain embedding is a fixed description of its data (METHOD.md 3.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from bam.modeling.config import BamConfig
@@ -67,7 +68,9 @@ ROLES = {
     "ffn_experts": Role(decays=True),
     "shared_expert": Role(decays=True),
 }
-ROUTER_ROLES = ("attn_router", "ffn_router", "nexus_projection", "domain_embeddings")
+# The routers' trained parts: new at every mix, the usual post-mix warm-up (a Nexus router's domain
+# embeddings are fixed, so they are not among them).
+ROUTER_ROLES = ("attn_router", "ffn_router", "nexus_projection")
 
 
 @dataclass(frozen=True)
@@ -95,10 +98,7 @@ class Param:
         return ROLES[self.role].trained
 
     def numel(self) -> int:
-        n = 1
-        for size in self.shape:
-            n *= size
-        return n
+        return math.prod(self.shape)
 
 
 def qk_norm_widths(config: BamConfig) -> tuple[int, int]:

@@ -13,7 +13,7 @@ import fnmatch
 import torch
 
 from bam.errors import BamError
-from bam.modeling.layout import ROLES, Param, parameter_table
+from bam.modeling.layout import ROLES, ROUTER_ROLES, Param, parameter_table
 
 # AdamW's betas: 0.95 for the second moment as in LLaMA/BTX-style LM training (faster to adapt
 # than 0.999 after loss spikes).
@@ -25,7 +25,7 @@ TRAIN_GROUPS: dict[str, tuple[str, ...]] = {
     "all": tuple(ROLES),
     # FFN and attention routers, the usual post-mix warm-up; a Nexus router's trainable part is its
     # projection (its domain embeddings are never trained).
-    "routers": ("attn_router", "ffn_router", "nexus_projection"),
+    "routers": ROUTER_ROLES,
     "ffn_routers": ("ffn_router", "nexus_projection"),
     "attn_routers": ("attn_router",),
     "experts": ("ffn_experts", "shared_expert"),  # the FFN experts' SwiGLU weights
