@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bam.modeling.config import BamConfig
-from bam.modeling.model import MixtureOfAttention, rope_cos_sin
+from bam.modeling.attention import AttentionMasks, MixtureOfAttention, rope_cos_sin
 from bench.common import Options, check, check_result, compare, finish, log, new_result, ratio
 
 NAME = "attention"
@@ -34,11 +34,11 @@ class NaiveMixtureOfAttention(nn.Module):
         self.experts = nn.ModuleList(MixtureOfAttention(attn_config(d, 1), 0) for _ in range(n_experts))
         self.router = nn.Linear(d, n_experts, bias=False)
 
-    def forward(self, h_BTD, cos_sin, mask=None, cache=None):
+    def forward(self, h_BTD, cos_sin, masks, cache=None):
         gates_BTN = F.linear(h_BTD.float(), self.router.weight.float()).softmax(dim=-1).to(h_BTD.dtype)
         out = None
         for j, expert in enumerate(self.experts):
-            y = gates_BTN[..., j:j + 1] * expert(h_BTD, cos_sin, mask, cache)[0]
+            y = gates_BTN[..., j:j + 1] * expert(h_BTD, cos_sin, masks, cache)[0]
             out = y if out is None else out + y
         return out, gates_BTN
 
@@ -62,14 +62,20 @@ def init_normal(module: nn.Module, generator: torch.Generator, std: float = 0.02
 
 def fwd_bwd(module, h, cos_sin, grad):
     params = list(module.parameters())
+    masks = causal_masks(h)
 
     def step():
         for p in params:
             p.grad = None
         h.grad = None
-        module(h, cos_sin, None, None)[0].backward(grad)
+        module(h, cos_sin, masks, None)[0].backward(grad)
 
     return step
+
+
+def causal_masks(h_BTD: torch.Tensor) -> AttentionMasks:
+    """The masks of a forward over the whole sequence, no padding, no cache: SDPA's causal flag."""
+    return AttentionMasks(None, h_BTD.shape[1], 0, h_BTD.device)
 
 
 def cases(opts: Options) -> list[tuple[int, int]]:
@@ -103,7 +109,8 @@ def run(opts: Options) -> dict:
         for module in mods.values():
             module.to(device, dtype)
         with torch.no_grad():
-            diff = (mods["naive, N attentions"](h, cos_sin)[0] - mods["ours, KV experts"](h, cos_sin, None, None)[0])
+            masks = causal_masks(h)
+            diff = (mods["naive, N attentions"](h, cos_sin, masks)[0] - mods["ours, KV experts"](h, cos_sin, masks, None)[0])
             diff = diff.abs().max().item()
         log(f"[attention] d={d} N={n}: timing")
         timings = compare({name: fwd_bwd(m, h, cos_sin, grad) for name, m in mods.items()},

@@ -19,7 +19,8 @@ import torch
 import transformers
 
 import bam  # registers the Auto classes
-from bam.formats.model_dir import load_model, save_model
+from bam.formats.export import FAMILY_FORMATS
+from bam.formats.model_dir import load_model, open_model, save_model
 from bam.cli import main
 from bam.modeling.config import BamConfig
 from bam.modeling.model import BamForCausalLM
@@ -286,3 +287,217 @@ def test_hf_format_loads_after_import_bam_without_remote_code(remote):
     assert type(model) is BamForCausalLM
     with torch.no_grad():
         assert torch.equal(model(INPUT_IDS).logits, load_model(source)(INPUT_IDS).logits)
+
+
+# ---------------------------------------------------------------------------------------------
+# Back to the family: --format source (the family recorded at import) and --format FAMILY
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory):
+    """Each family bam writes: a tiny random checkpoint made by transformers, imported and exported
+    with --format source and with the family's name, and what a bam-free process computes from each."""
+    from test_hf_import import make_hf_model
+
+    root = tmp_path_factory.mktemp("families")
+    references, exported = {}, {}
+    for family in FAMILY_FORMATS:
+        references[family] = make_hf_model(family, root / family, seed=7)
+        for how in ("source", family):
+            exported[f"{family}/{how}"] = root / f"{family}.{how}"
+            assert bam_cli("export", root / family, "--format", how, "--out", exported[f"{family}/{how}"]) == 0
+    return root, references, exported, run_outside(exported, root / "outside")
+
+
+@pytest.mark.parametrize("how", ["source", "name"])
+@pytest.mark.parametrize("family", FAMILY_FORMATS)
+def test_family_export_gives_the_original_models_logits_in_vanilla_transformers(families, family, how):
+    _, references, _, outside = families
+    result = outside[f"{family}/{'source' if how == 'source' else family}"]
+    reference = references[family]
+    assert result["class"] == type(reference).__name__ and result["module"].startswith("transformers.models.")
+    with torch.no_grad():
+        expected = reference(INPUT_IDS).logits
+        tokens = reference.generate(INPUT_IDS[:1], max_new_tokens=12, do_sample=False, pad_token_id=0).tolist()
+    difference = (torch.tensor(result["logits"]) - expected).abs().max().item()
+    assert difference <= 1e-4 * expected.abs().max().item()
+    assert result["tokens"] == tokens
+
+
+# config.json fields an export may write differently from the original checkpoint, with the same
+# function: head_dim where the family's config does not declare it (its attention reads it, and
+# it equals hidden_size / num_attention_heads, transformers' default); SmolLM3's
+# no_rope_layer_interval, which only fills no_rope_layers when that is absent (we write the list).
+SAME_FUNCTION = {"head_dim", "no_rope_layer_interval"}
+
+
+@pytest.mark.parametrize("family", FAMILY_FORMATS)
+def test_family_export_round_trips_the_config(families, family):
+    """import -> export -> import gives our config again, and the exported config.json is the
+    original's up to fields that do not change the function."""
+    root, references, exported, _ = families
+    imported = open_model(root / family).config
+    assert imported.source_model_type == family
+    original = json.loads((root / family / "config.json").read_text())
+    for how in ("source", family):
+        assert open_model(exported[f"{family}/{how}"]).config.to_dict() == imported.to_dict()
+        written = json.loads((exported[f"{family}/{how}"] / "config.json").read_text())
+        differ = {key for key in original.keys() | written.keys() if original.get(key) != written.get(key)}
+        assert differ <= SAME_FUNCTION, differ
+        assert written.get("head_dim", imported.head_dim) == imported.head_dim
+        assert written["model_type"] == family and written["architectures"] == original["architectures"]
+
+
+def test_source_format_of_a_bam_native_model_names_the_formats(tmp_path, capsys):
+    """A model bam initialised records no family: --format source says to name one, and naming
+    one works for a model the family can express."""
+    native = bam_random(tmp_path / "native", seed=0, block="sequential")
+    assert bam_cli("export", native, "--format", "source", "--out", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "source_model_type is null" in err and "name a format: llama," in err
+    assert not (tmp_path / "out").exists()
+    assert bam_cli("export", native, "--format", "mistral", "--out", tmp_path / "mistral") == 0
+    assert json.loads((tmp_path / "mistral" / "config.json").read_text())["model_type"] == "mistral"
+
+
+# A model of the first family exported to the second: every field the second cannot express is
+# named, and the format that can is pointed to (the model's own family first).
+@pytest.mark.parametrize("family, fmt, named, alternative", [
+    ("qwen3", "llama", ["qk_norm=True"], "qwen3"),
+    ("qwen2", "llama", ["qkv_bias=True"], "qwen2"),
+    ("llama", "qwen2", ["qkv_bias=False"], "llama"),
+    ("olmo2", "qwen3", ["qk_norm_scope='all'", "norm_placement='post'"], "olmo2"),
+    ("granite", "llama", ["embedding_multiplier=3.0", "residual_multiplier=0.3", "attention_scale=0.05",
+                          "logit_scale=0.4"], "granite"),
+    ("smollm3", "llama", ["nope_layers=[1]"], "smollm3"),
+    ("cohere", "llama", ["block='parallel'", "norm='layernorm'", "logit_scale=0.5"], "cohere"),
+    ("llama", "cohere", ["block='sequential'", "norm='rmsnorm'"], "llama"),
+])
+def test_family_that_cannot_express_the_model_is_refused_naming_each_field(family, fmt, named, alternative,
+                                                                           tmp_path, capsys):
+    from test_hf_import import make_hf_model
+
+    make_hf_model(family, tmp_path / "m")
+    capsys.readouterr()
+    assert bam_cli("export", tmp_path / "m", "--format", fmt, "--out", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.strip().endswith(f"(use --format {alternative})")
+    for field in named:
+        assert f"{field}, which {fmt} cannot express" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_round_trip_catches_an_export_that_loses_a_field(tmp_path, monkeypatch, capsys):
+    """If a family's export forgot a field, translating it back would show it: refused, nothing written."""
+    import bam.formats.families
+    from test_hf_import import make_hf_model
+
+    make_hf_model("granite", tmp_path / "m")
+    forgetful = lambda config: {k: v for k, v in bam.formats.families._granite_fields(config).items()  # noqa: E731
+                                if k != "logits_scaling"}
+    monkeypatch.setitem(bam.formats.families.FAMILY_EXPORT_FIELDS, "granite", forgetful)
+    capsys.readouterr()
+    assert bam_cli("export", tmp_path / "m", "--format", "source", "--out", tmp_path / "out") == 2
+    assert "logit_scale=0.4, which granite cannot express (its config gives 1.0)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_interleaved_rope_export_inverts_import():
+    from bam.formats.hf import half_to_interleaved_rope, interleaved_to_half_rope
+
+    weight = torch.randn(4 * 8, 5)
+    half = interleaved_to_half_rope(weight, 8)
+    assert not torch.equal(half, weight)
+    assert torch.equal(half_to_interleaved_rope(half, 8), weight)
+
+
+# A BTX (top-2, renormalized) of copies of each family's model: `--format source` is refused (the
+# family is dense) pointing to the MoE format that expresses the model, which then exports; where
+# neither Mixtral nor Qwen2-MoE does, the reason a Mixtral export is refused.
+MOE_FORMAT = {
+    "llama": ("mixtral", None),
+    "mistral": ("mixtral", None),
+    "qwen2": ("qwen2_moe", "Mixtral has no q/k/v biases"),
+    "qwen3": ("hf", "normalizes each head's queries and keys (qk_norm)"),
+    "olmo2": ("hf", "normalizes all heads' queries and keys (qk_norm)"),
+    "granite": ("hf", "attention_scale=0.05"),
+    "smollm3": ("hf", "no positional encoding (nope_layers)"),
+    "cohere": ("hf", "parallel"),
+    "cohere2": ("hf", "parallel"),
+    "gemma": ("hf", "(norm_weight_offset)"),
+    "gemma2": ("hf", "attn_logit_softcapping=1.0"),
+    "gemma3_text": ("hf", "rope_parameters by layer type"),
+    "phi3": ("hf", "(partial_rotary_factor)"),
+    "gpt_neox": ("hf", "ffn_gated=False"),
+}
+
+
+@pytest.mark.parametrize("family", FAMILY_FORMATS)
+def test_family_moe_exports_where_an_moe_format_expresses_it(family, tmp_path, capsys):
+    from bam.mix.add_expert import grown_config
+    from test_hf_import import make_hf_model
+
+    make_hf_model(family, tmp_path / "hf")
+    moe = tmp_path / "moe"
+    assert bam_cli("mix", tmp_path / "hf", tmp_path / "hf", "--method", "btx", "--top-k", "2", "--renormalize",
+                   "--out", moe) == 0
+    config = open_model(moe).config
+    assert config.source_model_type == grown_config(config, "extra").source_model_type == family
+    capsys.readouterr()
+    assert bam_cli("export", moe, "--format", "source", "--out", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    moe_format, mixtral_reason = MOE_FORMAT[family]
+    assert err.count("\n") == 1 and f"cannot export to {family}: {family} is dense and this model has 2 FFN" in err
+    assert err.strip().endswith(f"(use --format {moe_format})")
+    if mixtral_reason is not None:
+        assert bam_cli("export", moe, "--format", "mixtral", "--out", tmp_path / "out") == 2
+        assert mixtral_reason in capsys.readouterr().err
+    if moe_format != "hf":  # the export's own parity check compares the logits
+        assert bam_cli("export", moe, "--format", moe_format, "--out", tmp_path / "out") == 0
+
+
+def test_bam_mixture_of_a_family_is_refused_naming_attention_experts(tmp_path, capsys):
+    from test_hf_import import make_hf_model
+
+    make_hf_model("llama", tmp_path / "hf")
+    assert bam_cli("mix", tmp_path / "hf", tmp_path / "hf", "--method", "bam", "--out", tmp_path / "moe") == 0
+    capsys.readouterr()
+    assert bam_cli("export", tmp_path / "moe", "--format", "source", "--out", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "2 attention experts (BAM, KV experts) and llama one attention per layer" in err
+    assert err.strip().endswith("(use --format hf)")
+
+
+def test_model_trained_from_a_family_seed_exports_back_to_the_family(tmp_path):
+    """The user's path: a Qwen3 checkpoint trained by `bam train`, then `--format source`: a
+    Qwen3ForCausalLM with the trained model's logits (not the seed's)."""
+    from _train_assets import VOCAB, build_assets
+    from bam.formats.source import TOKENIZER_FILES
+    from test_hf_import import make_hf_model
+
+    assets = build_assets()
+    seed = make_hf_model("qwen3", tmp_path / "seed", vocab_size=VOCAB)
+    for name in TOKENIZER_FILES:
+        if (assets.tokenizer / name).exists():
+            shutil.copy2(assets.tokenizer / name, tmp_path / "seed" / name)
+    assert bam_cli("train", tmp_path / "seed", "--out", tmp_path / "run", "--data", *assets.data("code"),
+                   "--no-progress", "--max-steps", 2, "--batch-size", 2, "--seq-len", 32, "--lr", 1e-2,
+                   "--warmup", 0, "--eval-every", 0, "--cache-dir", assets.cache) == 0
+    trained = tmp_path / "run" / "model"
+    assert open_model(trained).config.source_model_type == "qwen3"
+    assert bam_cli("export", trained, "--format", "source", "--out", tmp_path / "out") == 0
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    assert type(exported) is transformers.Qwen3ForCausalLM
+    with torch.no_grad():
+        logits = exported(INPUT_IDS).logits
+        assert (logits - load_model(trained)(INPUT_IDS).logits).abs().max().item() < 1e-4
+        assert (logits - seed(INPUT_IDS).logits).abs().max().item() > 1e-3
+
+
+def test_export_help_lists_every_format(capsys):
+    with pytest.raises(SystemExit):
+        bam_cli("export", "--help")
+    text = " ".join(capsys.readouterr().out.split())
+    for fmt in ("mixtral", "qwen2_moe", "source", "hf", *FAMILY_FORMATS):
+        assert fmt in text
+    assert f"{', '.join(FAMILY_FORMATS)}: a dense model in that family's format" in text

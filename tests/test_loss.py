@@ -24,9 +24,12 @@ def problem(n_rows=301, width=48, vocab=1031, ignored_every=0, seed=0):
     return h, weight, targets
 
 
-def reference(h, weight, targets, logit_scale=1.0):
+def reference(h, weight, targets, logit_scale=1.0, softcap=None):
     h, weight = h.clone().requires_grad_(), weight.clone().requires_grad_()
-    loss = F.cross_entropy((h @ weight.T) * logit_scale, targets, ignore_index=-100)
+    logits = (h @ weight.T) * logit_scale
+    if softcap is not None:  # Gemma 2's final-logit soft-capping, in its order
+        logits = torch.tanh(logits / softcap) * softcap
+    loss = F.cross_entropy(logits, targets, ignore_index=-100)
     loss.backward()
     return loss.detach(), h.grad, weight.grad
 
@@ -50,6 +53,19 @@ def test_loss_and_gradients_equal_cross_entropy(chunk_rows, logit_scale, ignored
         assert_rel_close(a, e)
     if ignored_every:
         assert actual[1][::ignored_every].abs().max() == 0  # ignored rows get no gradient
+
+
+@pytest.mark.parametrize("chunk_rows", [64, 1000])
+@pytest.mark.parametrize("ignored_every", [0, 3])
+def test_softcapped_loss_and_gradients_equal_cross_entropy(chunk_rows, ignored_every):
+    """With `softcap` the loss is that of cap * tanh(scale * h W^T / cap) and so are the gradients;
+    the cap is small enough to change all three (else this would test nothing)."""
+    h, weight, targets = problem(ignored_every=ignored_every)
+    expected = reference(h, weight, targets, 0.37, softcap=1.0)
+    actual = fused(h, weight, targets, logit_scale=0.37, chunk_rows=chunk_rows, softcap=1.0)
+    for a, e, uncapped in zip(actual, expected, reference(h, weight, targets, 0.37)):
+        assert_rel_close(a, e)
+        assert (e - uncapped).abs().max() > 1e-2 * e.abs().max()
 
 
 def test_large_logits_stay_finite():
@@ -99,22 +115,24 @@ def test_bf16_autocast_keeps_fp32_loss_and_gradients():
         assert_rel_close(a, e, rel=2e-2)  # bf16 operands of the GEMMs: ~3 significant digits
 
 
-def bam_model(tied: bool, logit_scale: float = 1.0):
+def bam_model(tied: bool, logit_scale: float = 1.0, softcap: float | None = None):
     from bam.modeling.config import BamConfig
     from bam.modeling.model import BamForCausalLM
 
     config = BamConfig(vocab_size=173, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
-                       n_ffn_experts=3, ffn_top_k=2, tie_word_embeddings=tied, logit_scale=logit_scale)
+                       n_ffn_experts=3, ffn_top_k=2, tie_word_embeddings=tied, logit_scale=logit_scale,
+                       final_logit_softcapping=softcap)
     torch.manual_seed(0)
     return BamForCausalLM(config)
 
 
-@pytest.mark.parametrize("tied, logit_scale", [(False, 1.0), (True, 0.5)])
-def test_model_fused_loss_equals_logits_loss(tied, logit_scale):
+@pytest.mark.parametrize("tied, logit_scale, softcap", [(False, 1.0, None), (True, 0.5, None), (True, 0.5, 0.05)])
+def test_model_fused_loss_equals_logits_loss(tied, logit_scale, softcap):
     """return_logits=False gives the same loss and parameter gradients (the tied embedding/head
-    weight receives both its uses) as the transformers-style path through the logits."""
-    model = bam_model(tied, logit_scale)
+    weight receives both its uses) as the transformers-style path through the logits, final-logit
+    soft-capping (Gemma 2) included."""
+    model = bam_model(tied, logit_scale, softcap)
     ids = torch.randint(0, 173, (3, 17), generator=torch.Generator().manual_seed(1))
     results = []
     for return_logits in (True, False):

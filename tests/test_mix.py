@@ -360,6 +360,13 @@ def _domains(n: int) -> DomainEmbeddings:
 OLMO2 = dict(block="sequential", norm_placement="post", qk_norm=True, qk_norm_scope="all")
 GRANITE_SMOLLM3 = dict(block="sequential", embedding_multiplier=2.0, residual_multiplier=0.5, attention_scale=0.1,
                        logit_scale=0.25, nope_layers=[0])
+GPT_NEOX = dict(block="parallel", parallel_ffn_norm=True, norm="layernorm", norm_bias=True, hidden_act="gelu",
+                ffn_gated=False, ffn_bias=True, qkv_bias=True, attn_output_bias=True)
+GEMMA3 = dict(block="sequential", norm_placement="sandwich", norm_weight_offset=1.0, qk_norm=True,
+              hidden_act="gelu_pytorch_tanh", attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
+              sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+              rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                               "full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 8.0}})
 CONFIG_VARIANTS = {
     "dense": lambda make: make(),
     "sequential, layernorm, qkv bias, tied": lambda make: make(block="sequential", norm="layernorm", qkv_bias=True,
@@ -382,6 +389,14 @@ CONFIG_VARIANTS = {
     "bam, olmo2": lambda make: mixed_config(make(**OLMO2), "bam", 3),
     "bam-shared, olmo2": lambda make: mixed_config(make(**OLMO2), "bam-shared", 3),
     "granite multipliers, smollm3 nope layers": lambda make: mixed_config(make(**GRANITE_SMOLLM3), "bam", 2),
+    "gpt_neox: two norms with biases, non-gated FFN, biases": lambda make: make(**GPT_NEOX),
+    "bam, gpt_neox": lambda make: mixed_config(make(**GPT_NEOX), "bam", 3),
+    "gemma 3: sandwich norms, offset, qk_norm, rope by layer type": lambda make: make(**GEMMA3),
+    "bam-shared, gemma 3": lambda make: mixed_config(make(**GEMMA3), "bam-shared", 3),
+    "nexus-bam, gemma 3": lambda make: mixed_config(make(**GEMMA3), "nexus-bam", 2, domain_embeddings=_domains(2)),
+    "nexus-bam-shared, sequential gpt_neox": lambda make: mixed_config(
+        make(**{**GPT_NEOX, "block": "sequential", "parallel_ffn_norm": False}), "nexus-bam-shared", 2,
+        domain_embeddings=_domains(2)),
 }
 
 

@@ -1,5 +1,6 @@
 """The model against independent references: naive attention, a per-expert loop, hand-computed losses."""
 
+import copy
 import math
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from bam import BamConfig, BamForCausalLM
+from bam.modeling.attention import AttentionMasks
 from bam.modeling.model import CACHE
 from bam.modeling.moe import MoEFFN, load_balancing_loss, router_z_loss
 
@@ -44,6 +46,10 @@ VARIANTS = {
                             qk_norm=True, qk_norm_scope="all"),
     "granite-multipliers": dict(n_attn_experts=2, n_ffn_experts=2, block="sequential", embedding_multiplier=3.0,
                                 residual_multiplier=0.3, attention_scale=0.05, logit_scale=0.4, nope_layers=[1]),
+    # a 3-key sliding window in layer 0 only (Qwen2/Cohere2-style layer_types), in every layer (Mistral)
+    "bam-sliding": dict(n_attn_experts=3, n_ffn_experts=3, sliding_window=3,
+                        layer_types=["sliding_attention", "full_attention"]),
+    "bam-shared-sliding": dict(n_attn_experts=3, kv_shared=True, n_ffn_experts=3, sliding_window=3),
 }
 
 
@@ -78,6 +84,8 @@ def naive_attention(attn, h_BTD, positions):
     v_all = attn.v_proj(h_BTD).view(B, T, -1, Hkv, Dh)
     gates = attn.gates(h_BTD) if attn.router is not None else torch.ones(B, T, 1)
     causal = torch.ones(T, T, dtype=torch.bool).tril()
+    if attn.window is not None:  # a sliding layer: the latest `window` keys, the query's own included
+        causal = causal & ~torch.ones(T, T, dtype=torch.bool).tril(-attn.window)
     mixed = 0
     for j in range(N):
         kv = 0 if attn.kv_shared else j
@@ -96,23 +104,23 @@ attn_theta = 10000.0
 
 @pytest.mark.parametrize("variant", ["dense", "bam", "bam-shared", "bam-topk-attn", "bam-qk-norm",
                                      "bam-shared-qk-norm", "bam-qk-norm-all", "bam-shared-qk-norm-all",
-                                     "bam-scaled-nope"])
+                                     "bam-scaled-nope", "bam-sliding", "bam-shared-sliding"])
 def test_mixture_of_attention_equals_naive_per_expert_attention(variant):
     config = tiny(**VARIANTS[variant])
     attn = model_for(config).model.layers[0].attn
     h = torch.randn(2, 9, config.hidden_size)
     positions = torch.arange(9)
-    from bam.modeling.model import rope_cos_sin
+    from bam.modeling.attention import rope_cos_sin
 
     cos_sin = rope_cos_sin(positions.expand(2, 9), config.head_dim, config.rope_parameters["rope_theta"], h.dtype)
-    ours, _ = attn(h, cos_sin, None, None)
+    ours, _ = attn(h, cos_sin, AttentionMasks(None, 9, 0, h.device), None)
     torch.testing.assert_close(ours, naive_attention(attn, h, positions), atol=1e-5, rtol=1e-5)
 
 
 def test_rope_matches_transformers_llama_in_value_and_gradient():
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    from bam.modeling.model import apply_rope, rope_cos_sin
+    from bam.modeling.attention import apply_rope, rope_cos_sin
 
     B, T, H, Dh = 2, 7, 3, 16
     positions = torch.tensor([[0, 1, 2, 3, 4, 5, 6], [3, 4, 5, 6, 7, 8, 9]])  # a cached prefix in row 1
@@ -176,6 +184,34 @@ def test_scaled_rope_equals_transformers_rotary_embedding_bit_for_bit(rope_type)
     assert scaled_somewhere
 
 
+@pytest.mark.parametrize("rope_type", sorted(ROPE_SCALING))
+def test_rope_by_layer_type_equals_gemma3_rotary_embedding_bit_for_bit(rope_type):
+    """rope_parameters nested by layer type (Gemma 3: plain local RoPE, scaled global RoPE): each
+    type's cos/sin as transformers' Gemma3RotaryEmbedding computes it for that type, over the same
+    sequence of calls (dynamic and longrope keep per-type state under transformers' per-type names)."""
+    from transformers import Gemma3TextConfig
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RotaryEmbedding
+
+    types = ["sliding_attention", "full_attention"]
+    rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": rope_type, "rope_theta": 1000000.0, **ROPE_SCALING[rope_type]}}
+    max_len = 16 if rope_type == "dynamic" else 64
+    config = tiny(max_position_embeddings=max_len, sliding_window=8, layer_types=types,
+                  rope_parameters=copy.deepcopy(rope))
+    theirs = Gemma3RotaryEmbedding(Gemma3TextConfig(
+        hidden_size=32, num_attention_heads=4, head_dim=8, num_hidden_layers=2, layer_types=types,
+        max_position_embeddings=max_len, rope_parameters=copy.deepcopy(rope)))
+    ours = BamForCausalLM(config).model.rope
+    for length in (10, 40, 24, 12, 30):
+        positions = torch.arange(length).expand(2, length)
+        by_type = {kind: ours[kind](positions, torch.float32) for kind in types}
+        for kind, (cos, sin) in by_type.items():
+            their_cos, their_sin = theirs(torch.zeros(1), positions, kind)
+            assert torch.equal(torch.cat([cos, cos], -1), their_cos)
+            assert torch.equal(torch.cat([sin, sin], -1), their_sin)
+        assert not torch.equal(*(cos for cos, _ in by_type.values()))
+
+
 def test_config_json_with_only_rope_theta_still_loads(tmp_path):
     """A model directory written before rope_parameters carries a bare `rope_theta`: it loads as
     plain RoPE with that base, with the same logits, and is written back in the new form."""
@@ -212,7 +248,7 @@ def test_post_norm_block_and_granite_multipliers_hand_computed():
         cos_sin = model.model.rope(torch.arange(9).expand(2, 9), x.dtype)
         for layer in model.model.layers:
             assert not hasattr(layer, "input_norm") and not hasattr(layer, "post_attention_norm")
-            attn, _ = layer.attn(x, cos_sin, None, None)
+            attn, _ = layer.attn(x, cos_sin, AttentionMasks(None, 9, 0, x.device), None)
             x = x + 0.3 * rms(attn, layer.attn_output_norm)
             x = x + 0.3 * rms(layer.ffn(x, False).y_BTD, layer.ffn_output_norm)
         expected = model.lm_head(rms(x, model.model.norm)) * 0.4
@@ -232,13 +268,24 @@ def test_new_options_at_their_defaults_compute_todays_numbers_bit_for_bit():
 
 
 @pytest.mark.parametrize("field, value, expected", [
-    ("norm_placement", "sandwich", "one of"),
+    ("norm_placement", "middle", "one of"),
     ("qk_norm_scope", "token", "one of"),
     ("nope_layers", [2], "below num_hidden_layers=2"),
     ("nope_layers", [1, 0], "increasing"),
     ("attention_scale", 0.0, "positive"),
     ("embedding_multiplier", 0.0, "non-zero"),
     ("residual_multiplier", "1", "non-zero"),
+    ("sliding_window", 0, "positive integer"),
+    ("layer_types", ["full_attention"], "one per layer"),
+    ("layer_types", ["sliding", "full_attention"], "each one of"),
+    ("layer_types", ["sliding_attention", "full_attention"], "without a sliding_window"),
+    ("hidden_act", "swiglu", "ACT2FN"),
+    ("norm_weight_offset", "1", "a number"),
+    ("attn_logit_softcapping", 0.0, "positive"),
+    ("final_logit_softcapping", -30.0, "positive"),
+    # nested by layer type without layer_types to say which layer has which
+    ("rope_parameters", {"sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+                         "full_attention": {"rope_type": "default", "rope_theta": 1e6}}, "one per layer type"),
 ])
 def test_new_config_fields_are_validated(field, value, expected):
     from bam.errors import BamError
@@ -334,6 +381,72 @@ def test_moe_ffn_equals_explicit_gate_weighted_sum():
     torch.testing.assert_close(ffn(h[None]).y_BTD[0], expected, atol=1e-5, rtol=1e-5)
 
 
+def test_softcapped_attention_equals_a_naive_capped_softmax():
+    """Gemma 2's capped attention (SDPA cannot cap): per head, cap * tanh(scale q.k / cap), masked,
+    softmax, times V, with consecutive query heads sharing a K/V head; causal when no mask is given,
+    a bool mask otherwise; differentiable (gradcheck in fp64). The cap changes the result here."""
+    from bam.modeling.attention import softcapped_attention
+
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, heads, 5, 8, generator=generator, dtype=torch.float64) * 2 for heads in (4, 2, 2))
+    scale, cap = 0.4, 1.5
+    padding = torch.ones(2, 1, 5, 5, dtype=torch.bool).tril()
+    padding[0, :, :, :2] = False  # row 0: two left-padded keys ...
+    padding[0, :, :2, :] = True  # ... and its padded queries see every key, as attention_mask_for makes them
+
+    def naive(mask):
+        out = torch.empty_like(q)
+        for b in range(2):
+            for h in range(4):
+                logits = q[b, h] @ k[b, h // 2].T * scale
+                logits = (cap * torch.tanh(logits / cap)).masked_fill(~mask[b, 0], float("-inf"))
+                out[b, h] = logits.softmax(-1) @ v[b, h // 2]
+        return out
+
+    causal = torch.ones(2, 1, 5, 5, dtype=torch.bool).tril()
+    torch.testing.assert_close(softcapped_attention(q, k, v, None, scale, cap), naive(causal))
+    torch.testing.assert_close(softcapped_attention(q, k, v, padding, scale, cap), naive(padding))
+    uncapped = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    assert (uncapped - naive(causal)).abs().max() > 1e-2
+    inputs = tuple(t.clone().requires_grad_() for t in (q, k, v))
+    assert torch.autograd.gradcheck(lambda *t: softcapped_attention(*t, padding, scale, cap), inputs)
+
+
+@pytest.mark.parametrize("dispatch", ["grouped", "loop"])
+def test_hidden_act_is_the_activation_of_every_expert(dispatch):
+    """GeGLU (Gemma's hidden_act): the routed experts in either dispatch and the shared expert use
+    it, by hand with transformers' own function; the Nexus router's projection stays SwiGLU."""
+    from transformers.activations import ACT2FN
+
+    gelu = ACT2FN["gelu_pytorch_tanh"]
+    config = tiny(n_ffn_experts=3, ffn_top_k=2, hidden_act="gelu_pytorch_tanh", ffn_shared_expert=True,
+                  ffn_router="nexus", nexus_embed_dim=8, nexus_hidden_dim=16, expert_dispatch=dispatch)
+    torch.manual_seed(1)
+    ffn = MoEFFN(config)
+    for p in ffn.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    h = torch.randn(5, config.hidden_size)
+
+    def gated(x, gate_up, down, act):
+        gate, up = (gate_up @ x).chunk(2)
+        return down @ (act(gate) * up)
+
+    router = ffn.router
+    embeddings = torch.stack([gated(d, router.gate_up_proj, router.down_proj, F.silu)
+                              for d in router.domain_embeddings])
+    probs = F.softmax(h @ embeddings.T, dim=-1)
+    expected = torch.stack([gated(h[t], ffn.shared_expert.gate_up_proj, ffn.shared_expert.down_proj, gelu)
+                            for t in range(5)])
+    silu = expected.clone()
+    for t in range(5):
+        for e in probs[t].topk(2).indices:
+            expected[t] += probs[t, e] * gated(h[t], ffn.experts.gate_up_proj[e], ffn.experts.down_proj[e], gelu)
+            silu[t] += probs[t, e] * gated(h[t], ffn.experts.gate_up_proj[e], ffn.experts.down_proj[e], F.silu)
+    actual = ffn(h[None]).y_BTD[0]
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    assert (actual - silu).abs().max() > 1e-2  # the activation matters here
+
+
 def test_auxiliary_losses_hand_computed():
     # 4 tokens, 2 experts. probs rows: [.75,.25], [.75,.25], [.25,.75], [.5,.5] (top-1 picks 0,0,1,0)
     logits = torch.log(torch.tensor([[3.0, 1.0], [3.0, 1.0], [1.0, 3.0], [1.0, 1.0]]))
@@ -389,8 +502,71 @@ def test_cache_holds_one_kv_per_kv_expert(variant):
     assert keys.shape == (1, config.n_kv_experts * config.num_key_value_heads, 6, config.head_dim)
 
 
-def test_left_padded_batch_matches_unpadded_rows():
-    model = model_for(tiny(**VARIANTS["bam-shared"]))
+def _reference_mask(keep_BS, q_len, past_len, kv_len, window):
+    """The attention mask spelled out: query t (position past_len + t) sees key j (position
+    past_len + q_len - kv_len + j) when it is not later, within the window, and not padding."""
+    B = 1 if keep_BS is None else keep_BS.shape[0]
+    mask = torch.zeros(B, 1, q_len, kv_len, dtype=torch.bool)
+    for b in range(B):
+        for t in range(q_len):
+            p = past_len + t
+            for j in range(kv_len):
+                s = past_len + q_len - kv_len + j
+                mask[b, 0, t, j] = (s <= p and (window is None or s > p - window)
+                                    and (keep_BS is None or bool(keep_BS[b, s])))
+            if not mask[b, 0, t].any():  # a padding row: sees everything, stays finite
+                mask[b, 0, t] = True
+    return mask
+
+
+@pytest.mark.parametrize("q_len, past_len, kv_len, window, left_pad", [
+    (6, 0, 6, None, 0), (6, 0, 6, 3, 0), (6, 0, 6, 8, 0), (6, 0, 6, 6, 0),
+    (1, 7, 3, 3, 0),  # a decoding step against a sliding cache (window - 1 cached keys + this one)
+    (1, 7, 8, 3, 0),  # the same step against a full cache
+    (4, 5, 6, 3, 0),  # a chunk after a prefix, sliding cache
+    (4, 5, 9, 3, 0), (4, 5, 9, None, 0),  # ... full cache
+    (6, 0, 6, 3, 2), (6, 0, 6, None, 2), (1, 6, 3, 3, 2), (1, 6, 7, 3, 2), (3, 6, 5, 3, 4),
+])
+def test_attention_mask_equals_hand_built_reference(q_len, past_len, kv_len, window, left_pad):
+    """Every mask our attention uses, or the one SDPA's is_causal stands for when it returns None
+    (the top-left causal triangle for T > 1, every key for T = 1)."""
+    from bam.modeling.attention import attention_mask_for
+
+    keep_BS = None
+    if left_pad:  # row 0 left-padded, row 1 not
+        keep_BS = torch.ones(2, past_len + q_len, dtype=torch.long)
+        keep_BS[0, :left_pad] = 0
+    mask = attention_mask_for(keep_BS, q_len, past_len, "cpu", window, kv_len)
+    expected = _reference_mask(keep_BS, q_len, past_len, kv_len, window)
+    if mask is None:
+        mask = torch.ones(q_len, kv_len, dtype=torch.bool).tril()[None, None] if q_len > 1 else \
+            torch.ones(1, 1, 1, kv_len, dtype=torch.bool)
+    assert torch.equal(mask.expand_as(expected), expected)
+
+
+def test_sliding_layers_cache_keeps_the_window_as_the_cost_model_counts():
+    """transformers' DynamicCache(config=...) gives a sliding layer a cache of its last window - 1
+    positions (the rest are never seen again): of the 10 positions fed, layer 0 of "bam-sliding"
+    keeps 2 and the full layer all 10, and bam.modeling.cost counts exactly the bytes held."""
+    from bam.modeling import cost
+
+    config = tiny(**VARIANTS["bam-sliding"])
+    out = model_for(config).generate(torch.randint(0, 61, (1, 5)), max_new_tokens=6, do_sample=False,
+                                     pad_token_id=0, return_dict_in_generate=True)
+    cache = getattr(out, CACHE)
+    assert [layer.keys.shape[2] for layer in cache.layers] == [2, 10]  # the last token is never cached
+    held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    assert held == cost.kv_cache_bytes(config, 10, dtype_bytes=4)
+    assert cost.kv_cache_bytes_per_token(config, 4, n_ctx=10) == held / 10
+    dense = tiny()
+    assert cost.kv_cache_bytes_per_token(dense, 4) == cost.kv_cache_bytes(dense, 10, 4) / 10
+
+
+@pytest.mark.parametrize("variant", ["bam-shared", "bam-sliding", "bam-shared-sliding"])
+def test_left_padded_batch_matches_unpadded_rows(variant):
+    """(A sliding window counts positions, padding included, as transformers' does: the same shift
+    for the query and its keys, so a padded row still sees its own latest keys.)"""
+    model = model_for(tiny(**VARIANTS[variant]))
     short, long = torch.randint(1, 61, (1, 4)), torch.randint(1, 61, (1, 7))
     batch = torch.cat([torch.cat([torch.zeros(1, 3, dtype=torch.long), short], 1), long])
     mask = torch.ones_like(batch)

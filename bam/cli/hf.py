@@ -1,26 +1,30 @@
-"""`bam export` (to Mixtral / Qwen2-MoE / Llama, or a self-contained remote-code directory) and
-`bam generate` (greedy or sampled text, streamed to the terminal). See docs/huggingface.md."""
+"""`bam export` (to Mixtral / Qwen2-MoE, a dense model's own family, or a self-contained remote-code
+directory) and `bam generate` (greedy or sampled text, streamed to the terminal). See docs/huggingface.md."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from bam.formats.export import FORMATS
+from bam.formats.export import FAMILY_FORMATS, FORMATS
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "export", help="write a model as a standard Hugging Face MoE (mixtral, qwen2_moe, llama) or with its code (hf)",
-        description="Export MODEL. mixtral/qwen2_moe/llama need a sequential block, RMSNorm and one attention "
-                    "per layer (BTX, sparse upcycling, Nexus, dense) and are checked for logit parity before "
-                    "anything is written; olmoe is always refused (it normalizes queries and keys). "
+        "export", help="write a model as a standard Hugging Face MoE (mixtral, qwen2_moe), a dense model in its "
+                       "family's format (source, llama, qwen3, ...) or with its code (hf)",
+        description="Export MODEL. mixtral/qwen2_moe need a sequential block, RMSNorm and one attention "
+                    "per layer (BTX, sparse upcycling, Nexus, dense); a family format (source: the family "
+                    "the model was imported from) takes a dense model whose every option the family has. "
+                    "Both are checked for logit parity with vanilla transformers before anything is "
+                    "written; olmoe is always refused (it normalizes queries and keys). "
                     "hf writes our model with its modeling code, for every variant: it loads with "
                     "AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True) without bam installed.",
     )
     p.add_argument("model", metavar="MODEL", help="model directory (ours or an imported Hugging Face one)")
     p.add_argument("--format", required=True, choices=FORMATS, dest="fmt",
-                   help="mixtral: renormalized top-k; qwen2_moe: either gate rule; llama: dense; "
-                        "hf: any model, with its code")
+                   help="mixtral: renormalized top-k; qwen2_moe: either gate rule; source: the family the "
+                        f"model was imported from; {', '.join(FAMILY_FORMATS)}: a dense model in that "
+                        "family's format; hf: any model, with its code")
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=run_export)

@@ -27,7 +27,7 @@ from bam.data.shards import TokenizedDomain, default_cache_dir, prepare_domain
 from bam.data.sources import check_unique_names, parse_domain_spec
 from bam.data.tokenizer import load_tokenizer
 from bam.errors import BamError
-from bam.formats.model_dir import load_model
+from bam.formats.model_dir import load_model, tokenizer_dir_of
 
 # "all" scores every document of the given data (train + validation + test): for files the user
 # held out themselves.
@@ -122,7 +122,7 @@ def evaluate_model(model_dir: str | Path, data: Sequence[str], *, tokenizer: str
     context = model.config.max_position_embeddings
     if seq_len is not None and seq_len > context:  # refused before any tokenizing
         raise BamError(f"seq_len={seq_len} is beyond the model's context (max_position_embeddings={context})")
-    tokenizer_dir = tokenizer or model_dir
+    tokenizer_dir = tokenizer or tokenizer_dir_of(model_dir) or model_dir
     loaded = load_tokenizer(tokenizer_dir)
     if len(loaded) > model.config.vocab_size:
         # Token ids >= vocab_size would index past the embedding table.

@@ -1,4 +1,5 @@
-"""Export: our models as standard Hugging Face MoE checkpoints, or as a self-contained directory.
+"""Export: our models as standard Hugging Face checkpoints (an MoE format, or a dense model's own
+family), or as a self-contained directory.
 
 Formats (`bam export MODEL --format F --out DIR`):
 
@@ -12,11 +13,16 @@ Formats (`bam export MODEL --format F --out DIR`):
                point). Without one, we write a width-1 shared expert of zeros, which adds exactly 0.
     olmoe      refused: OLMoE applies RMSNorm to every query and key (q_norm/k_norm, no switch), and
                bam does not write it for a model that does (qk_norm_scope='all', an OLMo 2 seed).
-    llama      LlamaForCausalLM, for dense models (one FFN expert).
+    FAMILY     a dense model in a family's own format (llama, mistral, qwen2, qwen3, olmo2, granite,
+               smollm3, cohere, cohere2, gemma, gemma2, gemma3_text, ...: bam/formats/families.py
+               FAMILY_EXPORT_FIELDS), its config built by `family_config` and checked by
+               translating it back with import's translate_config: any field that does not come
+               back is something the family cannot express.
+    source     the family the model was imported from (config field source_model_type).
     hf         our own model with its modeling code (`auto_map`), for every variant (BAM included):
                loads with `trust_remote_code=True` in a Python without bam installed.
 
-The standard formats express our maths exactly only for a sequential block with RMSNorm and one
+The MoE formats express our maths exactly only for a sequential block with RMSNorm and one
 attention per layer (BTX, sparse upcycling, Nexus, dense): `export_blockers` lists what stands in
 the way. A Nexus router's logits `h . e_i` depend on fixed tensors only once trained, so it is
 written as the linear router whose rows are the expert embeddings e_i, computed by our own
@@ -29,9 +35,9 @@ tokens in fp32; only then does the directory appear at `--out`.
 from __future__ import annotations
 
 import contextlib
-import copy
 import importlib.metadata
 import importlib.util
+import math
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -41,17 +47,20 @@ import transformers
 from transformers import AutoModelForCausalLM, PreTrainedConfig
 from transformers.utils import logging as hf_logging
 
-from bam.formats.names import DENSE_MLP, LLAMA_NAMES, MOE_MLP, hf_name
+from bam.formats.families import FAMILY_EXPORT_FIELDS, common_fields, family_config, translate_config
+from bam.formats.hf import family_tensor_plan
+from bam.formats.names import LLAMA_NAMES, MOE_MLP, hf_name
 from bam.formats.model_dir import copy_tokenizer, load_model, open_model
 from bam.formats.source import ModelSource
 from bam.io.atomic import atomic_output_dir
 from bam.io.tensor_files import StreamingSafetensorsWriter, WEIGHTS_NAME
-from bam.modeling.config import BamConfig
-from bam.errors import BamError
+from bam.modeling.config import COMPATIBILITY_FIELDS, BamConfig, config_from_dict
+from bam.errors import BamError, first_line
 from bam.modeling.layout import parameter_shapes, parameters
 
-STANDARD_FORMATS = ("mixtral", "qwen2_moe", "olmoe", "llama")
-FORMATS = STANDARD_FORMATS + ("hf",)
+MOE_FORMATS = ("mixtral", "qwen2_moe", "olmoe")
+FAMILY_FORMATS = tuple(FAMILY_EXPORT_FIELDS)
+FORMATS = MOE_FORMATS + FAMILY_FORMATS + ("source", "hf")
 
 # Parity: max |logit difference| allowed, relative to the largest logit (absolute below 1).
 PARITY_TOLERANCE = 1e-4
@@ -66,9 +75,23 @@ def export(model_dir: str | Path, fmt: str, out: str | Path, overwrite: bool = F
     out = Path(out)
     if out.exists() and out.resolve() == Path(source.path).resolve():
         raise BamError(f"{out}: output would replace the input model")
+    if fmt == "source":
+        fmt = source_family(source)
     if fmt == "hf":
         return export_remote_code(source, out, overwrite)
-    return export_standard(source, fmt, out, overwrite)
+    if fmt in MOE_FORMATS:
+        return export_standard(source, fmt, out, overwrite)
+    return export_family(source, fmt, out, overwrite)
+
+
+def source_family(source: ModelSource) -> str:
+    """The family `--format source` writes: the one the model was imported from."""
+    family = source.config.source_model_type
+    if family is None:
+        raise BamError(f"{source.path}: --format source: config field source_model_type is null (the model was "
+                       f"not imported from a Hugging Face family); name a format: {', '.join(FAMILY_FORMATS)}, "
+                       f"{', '.join(MOE_FORMATS[:2])} or hf")
+    return family
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,8 +110,9 @@ def export_blockers(config: BamConfig, fmt: str) -> list[tuple[str, str]]:
                  "this model does not (only qk_norm with qk_norm_scope='all' does)", "qwen2_moe")]
     reasons = []
     if config.block != "sequential":
+        norms = "each its own norm" if config.parallel_ffn_norm else "the same norm"
         reasons.append((f"{fmt} has a sequential block and this model a parallel one "
-                        f"(attention and FFN read the same norm)", "hf"))
+                        f"(attention and FFN read {norms})", "hf"))
     if config.norm != "rmsnorm":
         reasons.append((f"{fmt} uses RMSNorm and this model {config.norm}", "hf"))
     if config.n_attn_experts > 1:
@@ -97,7 +121,7 @@ def export_blockers(config: BamConfig, fmt: str) -> list[tuple[str, str]]:
                         f"{fmt} one attention per layer", "hf"))
     if config.ffn_router not in ("linear", "nexus"):
         reasons.append((f"ffn_router={config.ffn_router!r} and {fmt} has a linear router only", "hf"))
-    if config.ffn_shared_expert and fmt in ("mixtral", "llama"):
+    if config.ffn_shared_expert and fmt == "mixtral":
         reasons.append((f"this model has an always-on shared expert and {fmt} has none", "qwen2_moe"))
     if config.logit_scale != 1.0:
         reasons.append((f"logit_scale={config.logit_scale} and {fmt} does not scale logits", "hf"))
@@ -110,12 +134,40 @@ def export_blockers(config: BamConfig, fmt: str) -> list[tuple[str, str]]:
     if config.nope_layers:
         reasons.append((f"layers {config.nope_layers} of this model have no positional encoding "
                         f"(nope_layers) and {fmt} applies RoPE in every layer", "hf"))
+    if config.rotary_dim != config.head_dim:
+        reasons.append((f"this model applies RoPE to {config.rotary_dim} of each head's {config.head_dim} dims "
+                        f"(partial_rotary_factor) and {fmt} to all of them", "hf"))
+    if config.cache_reset_length is not None:
+        reasons.append((f"this model's generation recomputes its KV cache on passing {config.cache_reset_length} "
+                        f"positions (cache_reset_length, Phi-3's LongRoPE) and {fmt}'s does not", "hf"))
+    if not config.ffn_gated:
+        reasons.append((f"this model's FFN has no gate (ffn_gated=False) and {fmt}'s experts are gated", "hf"))
+    for field, what in (("ffn_bias", "biases on its FFN projections"),
+                        ("attn_output_bias", "a bias on the attention's output projection"),
+                        ("norm_bias", "a bias on each norm")):
+        if getattr(config, field):
+            reasons.append((f"this model has {what} ({field}) and {fmt} does not", "hf"))
     if config.attention_scale is not None:
         reasons.append((f"attention_scale={config.attention_scale} and {fmt} scales attention by "
                         f"1/sqrt(head_dim)", "hf"))
     for field in ("embedding_multiplier", "residual_multiplier"):
         if getattr(config, field) != 1.0:
             reasons.append((f"{field}={getattr(config, field)} and {fmt} has no such multiplier", "hf"))
+    if config.hidden_act != "silu":
+        reasons.append((f"this model's gated MLP uses hidden_act={config.hidden_act!r} and {fmt}'s silu", "hf"))
+    if config.norm_weight_offset != 0.0:
+        reasons.append((f"this model's norms multiply by {config.norm_weight_offset} + weight (norm_weight_offset) "
+                        f"and {fmt}'s by the weight", "hf"))
+    for field in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if getattr(config, field) is not None:
+            reasons.append((f"{field}={getattr(config, field)} and {fmt} does not cap logits", "hf"))
+    if None not in config.rope_by_type():
+        reasons.append((f"this model's layer types have different RoPE (rope_parameters by layer type) and {fmt} "
+                        f"one RoPE for every layer", "hf"))
+    sliding = _sliding_layers(config)
+    if sliding and fmt == "mixtral" and len(sliding) < config.num_hidden_layers:
+        reasons.append((f"only layers {sliding} of this model attend to a sliding window and Mixtral's "
+                        f"sliding_window applies to every layer", "qwen2_moe"))
     if fmt == "mixtral":
         if not config.ffn_renormalize and config.ffn_top_k < config.n_ffn_experts:
             reasons.append((f"Mixtral renormalizes the top-k gates and this model does not "
@@ -126,10 +178,12 @@ def export_blockers(config: BamConfig, fmt: str) -> list[tuple[str, str]]:
         reasons.append((f"Qwen2-MoE derives head_dim from hidden_size/num_attention_heads "
                         f"({config.hidden_size // config.num_attention_heads}) and this model has "
                         f"head_dim={config.head_dim}", "mixtral" if not config.qkv_bias else "hf"))
-    if fmt == "llama" and (config.n_ffn_experts > 1 or config.ffn_router != "linear"):
-        reasons.append((f"llama is dense and this model has {config.n_ffn_experts} FFN experts with a "
-                        f"{config.ffn_router} router", "mixtral" if config.ffn_renormalize else "qwen2_moe"))
     return reasons
+
+
+def _sliding_layers(config: BamConfig) -> list[int]:
+    """The layers whose attention sees a sliding window of keys."""
+    return [i for i in range(config.num_hidden_layers) if config.attention_window(i) is not None]
 
 
 def _refusal(source: ModelSource, fmt: str, blockers: list[tuple[str, str]]) -> BamError:
@@ -140,51 +194,100 @@ def _refusal(source: ModelSource, fmt: str, blockers: list[tuple[str, str]]) -> 
     return BamError(f"{source.path}: cannot export to {fmt}: {reasons} (use --format {alternative})")
 
 
+def family_blockers(config: BamConfig, family: str) -> list[tuple[str, str]]:
+    """Why `family`'s own (dense) format cannot express a model with this config, each reason with
+    the format that can, as export_blockers. Empty when it can (the parity check has the last word).
+
+    A family expresses a dense model when its config, built by family_config, translates back on
+    import to the same function: every field in which they differ is a reason.
+    """
+    if family not in FAMILY_EXPORT_FIELDS:
+        return [(f"bam does not write {family} checkpoints", "hf")]
+    if not config.is_dense:
+        reasons = []
+        if config.n_attn_experts > 1:
+            kind = "shared K/V" if config.kv_shared else "KV experts"
+            reasons.append((f"this model has {config.n_attn_experts} attention experts (BAM, {kind}) and "
+                            f"{family} one attention per layer", "hf"))
+        if config.n_ffn_experts > 1 or config.ffn_router != "linear" or config.ffn_shared_expert:
+            moe_format = next((fmt for fmt in ("mixtral", "qwen2_moe") if not export_blockers(config, fmt)), "hf")
+            shared = " and a shared expert" if config.ffn_shared_expert else ""
+            reasons.append((f"{family} is dense and this model has {config.n_ffn_experts} FFN experts with a "
+                            f"{config.ffn_router} router{shared}", moe_format))
+        return reasons
+    reasons = _round_trip_differences(config, family)
+    if not reasons:
+        return []
+    others = dict.fromkeys([config.source_model_type, *FAMILY_FORMATS])
+    alternative = next((other for other in others if other in FAMILY_EXPORT_FIELDS and other != family
+                        and not _round_trip_differences(config, other)), "hf")
+    return [(reason, alternative) for reason in reasons]
+
+
+def _round_trip_differences(config: BamConfig, family: str) -> list[str]:
+    """Each field of our dense `config` that `family`'s config does not give back on import."""
+    try:
+        hf_config = family_config(config, family)
+    except (ValueError, TypeError) as err:  # transformers' own checks of the family's config
+        return [f"{family}'s config does not accept this model's shape ({first_line(err)})"]
+    try:
+        fields = translate_config(hf_config, Path(f"{family} config"))
+    except BamError as err:  # the family's config needs an option import refuses
+        return [str(err)]
+    back = config_from_dict({"model_type": "bam", **fields}, f"{family} config")
+    return [f"{field}={getattr(config, field)!r}, which {family} cannot express (its config gives "
+            f"{getattr(back, field)!r})"
+            for field in ("max_position_embeddings", *COMPATIBILITY_FIELDS)
+            if not _same_value(_effective(config, field), _effective(back, field))]
+
+
+def _effective(config: BamConfig, field: str):
+    """The value `field` computes with: a null attention_scale is SDPA's 1/sqrt(head_dim)."""
+    value = getattr(config, field)
+    return config.head_dim ** -0.5 if field == "attention_scale" and value is None else value
+
+
+def _same_value(a, b) -> bool:
+    """Equal, floats within rounding (Granite's logits_scaling is the reciprocal of our logit_scale)."""
+    if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (a, b)):
+        return math.isclose(a, b, rel_tol=1e-12)
+    return a == b
+
+
 # ---------------------------------------------------------------------------------------------
 # The target config and the tensor plan
 
 
 def target_config(config: BamConfig, fmt: str, dtype: torch.dtype) -> PreTrainedConfig:
     """The transformers config of `fmt` whose model computes what ours computes."""
-    common = dict(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads,
-        max_position_embeddings=config.max_position_embeddings,
-        hidden_act="silu",
-        rms_norm_eps=config.norm_eps,
-        rope_parameters=copy.deepcopy(config.rope_parameters),
-        tie_word_embeddings=config.tie_word_embeddings,
-        initializer_range=config.initializer_range,
-        bos_token_id=config.bos_token_id,
-        eos_token_id=config.eos_token_id,
-        pad_token_id=config.pad_token_id,
-        dtype=str(dtype).removeprefix("torch."),
-    )
+    common = dict(common_fields(config), dtype=str(dtype).removeprefix("torch."))
     moe = dict(num_experts_per_tok=config.ffn_top_k, router_aux_loss_coef=config.router_aux_loss_coef)
     if fmt == "mixtral":
         return transformers.MixtralConfig(
-            **common, **moe, head_dim=config.head_dim, intermediate_size=config.intermediate_size,
-            num_local_experts=config.n_ffn_experts, sliding_window=None,
+            **common, **moe, head_dim=config.head_dim,
+            num_local_experts=config.n_ffn_experts,
+            sliding_window=config.sliding_window if _sliding_layers(config) else None,  # every layer or none
             architectures=["MixtralForCausalLM"],
         )
     if fmt == "qwen2_moe":
         return transformers.Qwen2MoeConfig(
-            **common, **moe, intermediate_size=config.intermediate_size,
-            moe_intermediate_size=config.intermediate_size, num_experts=config.n_ffn_experts,
+            **common, **moe, moe_intermediate_size=config.intermediate_size, num_experts=config.n_ffn_experts,
             norm_topk_prob=config.ffn_renormalize, qkv_bias=config.qkv_bias,
             shared_expert_intermediate_size=config.intermediate_size if config.ffn_shared_expert else 1,
-            decoder_sparse_step=1, mlp_only_layers=[],
-            use_sliding_window=False, architectures=["Qwen2MoeForCausalLM"],
-        )
-    if fmt == "llama":
-        return transformers.LlamaConfig(
-            **common, head_dim=config.head_dim, intermediate_size=config.intermediate_size,
-            attention_bias=config.qkv_bias, mlp_bias=False, architectures=["LlamaForCausalLM"],
+            decoder_sparse_step=1, mlp_only_layers=[], **_qwen2_moe_window(config),
+            architectures=["Qwen2MoeForCausalLM"],
         )
     raise ValueError(f"no target config for {fmt!r}")
+
+
+def _qwen2_moe_window(config: BamConfig) -> dict:
+    """Qwen2-MoE's fields for our sliding layers: its layer_types name them, as ours do."""
+    sliding = _sliding_layers(config)
+    if not sliding:
+        return dict(use_sliding_window=False)
+    return dict(use_sliding_window=True, sliding_window=config.sliding_window,
+                layer_types=["sliding_attention" if i in sliding else "full_attention"
+                             for i in range(config.num_hidden_layers)])
 
 
 # A target tensor is made from some of our tensors (read lazily, in this order) by a function.
@@ -201,7 +304,7 @@ def tensor_plan(config: BamConfig, fmt: str, dtype: torch.dtype) -> dict[str, Pr
     Every tensor the Llama naming renames (embeddings, norms, attention, LM head) is copied under
     its name in bam/formats/names.py; the FFN of each layer is rebuilt per format below.
     """
-    d, f = config.hidden_size, config.intermediate_size
+    d = config.hidden_size
 
     def zeros(*shape: int) -> Producer:
         return (), lambda: torch.zeros(shape, dtype=dtype)
@@ -210,14 +313,6 @@ def tensor_plan(config: BamConfig, fmt: str, dtype: torch.dtype) -> dict[str, Pr
     for i in range(config.num_hidden_layers):
         ours = theirs = f"model.layers.{i}."
         gate_up, down = ours + "ffn.experts.gate_up_proj", ours + "ffn.experts.down_proj"
-        if fmt == "llama":
-            if config.qkv_bias:  # Llama's attention_bias also puts a bias on o_proj: make it zero
-                plan[theirs + "self_attn.o_proj.bias"] = zeros(d)
-            gate_name, up_name = DENSE_MLP["ffn.experts.gate_up_proj"]
-            plan[theirs + gate_name] = (gate_up,), lambda t: t[0, :f]
-            plan[theirs + up_name] = (gate_up,), lambda t: t[0, f:]
-            plan[theirs + DENSE_MLP["ffn.experts.down_proj"][0]] = (down,), lambda t: t[0]
-            continue
         router, gate = ours + "ffn.router.", theirs + MOE_MLP["ffn.router.weight"]
         if config.ffn_router == "nexus":
             nexus = (router + "domain_embeddings", router + "gate_up_proj", router + "down_proj")
@@ -278,14 +373,32 @@ def export_standard(source: ModelSource, fmt: str, out: Path, overwrite: bool = 
     if blockers:
         raise _refusal(source, fmt, blockers)
     dtype = _checkpoint_dtype(source)
-    plan = tensor_plan(config, fmt, dtype)
+    return _write_checked(source, fmt, target_config(config, fmt, dtype), tensor_plan(config, fmt, dtype),
+                          dtype, out, overwrite)
+
+
+def export_family(source: ModelSource, family: str, out: Path, overwrite: bool = False) -> Path:
+    """A dense model in `family`'s own format: its config from bam/formats/families.py
+    (`family_config`), its tensors named by bam/formats/hf.py (`family_tensor_plan`)."""
+    config = source.config
+    blockers = family_blockers(config, family)
+    if blockers:
+        raise _refusal(source, family, blockers)
+    dtype = _checkpoint_dtype(source)
+    target = family_config(config, family)
+    target.dtype = dtype
+    return _write_checked(source, family, target, family_tensor_plan(config, family), dtype, out, overwrite)
+
+
+def _write_checked(source: ModelSource, fmt: str, target: PreTrainedConfig, plan: dict[str, Producer],
+                   dtype: torch.dtype, out: Path, overwrite: bool) -> Path:
+    """Write `target` and the planned tensors to `out` if transformers' model of it gives our logits."""
     used = {name for inputs, _ in plan.values() for name in inputs}
     _require_tensors(source, used)
     unused = [name for name in source.tensor_names if name not in used]
     if unused:
         raise BamError(f"{source.path}: cannot export to {fmt}: tensor {unused[0]} has no counterpart in "
                        f"{fmt} ({len(unused)} such tensors); use --format hf")
-    target = target_config(config, fmt, dtype)
     shapes = _target_shapes(target)
     if set(shapes) != set(plan):  # a bug in the plan, not a user error
         raise RuntimeError(f"{fmt} plan and model disagree: {sorted(set(shapes) ^ set(plan))[:4]}")

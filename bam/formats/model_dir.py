@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from bam.errors import BamError
+from bam.formats.gguf import gguf_file_of, gguf_tokenizer_dir, open_gguf_model
 from bam.formats.source import TOKENIZER_FILES, ModelSource
 from bam.io.atomic import atomic_output_dir
 from bam.io.jsonfile import read_json
@@ -28,7 +29,7 @@ def read_config_dict(path: Path) -> dict:
     if not path.exists():
         raise BamError(f"{path}: no such file or directory")
     if not path.is_dir():
-        raise BamError(f"{path}: expected a model directory (config.json + safetensors weights)")
+        raise BamError(f"{path}: expected a model directory (config.json + safetensors weights) or a .gguf file")
     if not (path / "config.json").exists():
         raise BamError(f"{path}: not a model directory (no config.json)")
     manifest = read_manifest(path)
@@ -38,12 +39,16 @@ def read_config_dict(path: Path) -> dict:
 
 
 def open_model(path: str | Path) -> ModelSource:
-    """Open one of our checkpoints or a supported Hugging Face dense checkpoint (see bam/formats/hf.py).
+    """Open one of our checkpoints, a supported Hugging Face dense checkpoint (see bam/formats/hf.py)
+    or a GGUF file of one (bam/formats/gguf.py).
 
     Reads config.json and the weights' headers only; each weight file is verified against the
     directory's manifest (if any) when its first tensor is read.
     """
     path = Path(path)
+    gguf_file = gguf_file_of(path)
+    if gguf_file is not None:
+        return open_gguf_model(gguf_file)
     config_dict = read_config_dict(path)
     model_type = config_dict.get("model_type")
     tokenizer_dir = path if any((path / f).exists() for f in TOKENIZER_FILES) else None
@@ -54,6 +59,13 @@ def open_model(path: str | Path) -> ModelSource:
     config = config_from_dict(config_dict, path / "config.json")
     files = SafetensorsFiles(path)
     return ModelSource(path, "bam", config, files.names(), files.get, tokenizer_dir)
+
+
+def tokenizer_dir_of(path: str | Path) -> Path | None:
+    """Where the tokenizer of the model at `path` is to be looked for: the model directory itself,
+    or for a GGUF file the tokenizer converted from it (None if the file holds none)."""
+    gguf_file = gguf_file_of(Path(path))
+    return Path(path) if gguf_file is None else gguf_tokenizer_dir(gguf_file)
 
 
 

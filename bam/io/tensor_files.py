@@ -70,6 +70,19 @@ class SafetensorsFiles:
             raise BamError(f"{path}: tensor {name} could not be read ({first_line(err)}); "
                            "the file is corrupt or truncated") from None
 
+    def get_rows(self, name: str, ranges: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """Row blocks [start, stop) of tensor `name`, read through one handle: only those rows'
+        bytes are read (a fused q/k/v tensor's q, k or v rows)."""
+        path = self.file_of[name]
+        self._verify(path)
+        try:
+            with _safe_open(path) as f:
+                rows = f.get_slice(name)
+                return [rows[start:stop] for start, stop in ranges]
+        except (SafetensorError, RuntimeError, OSError) as err:
+            raise BamError(f"{path}: tensor {name} could not be read ({first_line(err)}); "
+                           "the file is corrupt or truncated") from None
+
     def shape(self, name: str) -> tuple[int, ...]:
         with _safe_open(self.file_of[name]) as f:
             return tuple(f.get_slice(name).get_shape())

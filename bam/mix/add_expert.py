@@ -18,7 +18,6 @@ from bam.formats.source import ModelSource
 from bam.io.atomic import atomic_output_dir
 from bam.io.tensor_files import StreamingSafetensorsWriter, WEIGHTS_NAME
 from bam.mix.mixing import (
-    COMPATIBILITY_FIELDS,
     check_output,
     check_sources,
     check_tokenizers,
@@ -27,7 +26,7 @@ from bam.mix.mixing import (
 )
 from bam.mix.provenance import read_provenance, write_provenance
 from bam.mix.rules import added_tensor_rule, average, new_router
-from bam.modeling.config import BamConfig, config_from_dict
+from bam.modeling.config import COMPATIBILITY_FIELDS, BamConfig, config_from_dict
 from bam.modeling.layout import Param, parameter_shapes, parameters
 
 

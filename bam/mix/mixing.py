@@ -30,21 +30,12 @@ from bam.io.tensor_files import SafetensorsFiles, StreamingSafetensorsWriter, WE
 from bam.mix.nexus import DomainEmbeddings
 from bam.mix.provenance import write_provenance
 from bam.mix.rules import METHODS, NEXUS_METHODS, average, new_router, stack, tensor_rule
-from bam.modeling.config import BamConfig, config_from_dict
+from bam.modeling.config import COMPATIBILITY_FIELDS, BamConfig, config_from_dict
 from bam.modeling.layout import Param, parameter_shapes, parameters
 
 # Load-balancing coefficient the Nexus paper trains with (METHOD.md 3.1); btx/bam keep the dense
 # config's (0.01 by default). `bam train --aux-loss-coef` overrides either.
 NEXUS_AUX_LOSS_COEF = 0.05
-
-# Config fields that must agree for two dense models to be experts of one MoE: they fix every
-# tensor's shape, or they change the function the shared (averaged) parameters compute.
-COMPATIBILITY_FIELDS = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "block", "norm", "norm_eps", "norm_placement", "rope_parameters",
-    "qkv_bias", "qk_norm", "qk_norm_scope", "nope_layers", "attention_scale", "tie_word_embeddings",
-    "embedding_multiplier", "residual_multiplier", "logit_scale",
-)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,7 +284,9 @@ def mix(sources: Sequence[ModelSource], method: str, out: str | Path, *, top_k: 
         if rule.kind == "repeat":
             return list(read_parts(sources[0], name)) * n_experts
         if rule.kind == "shared_expert":  # the seed's one FFN: [1, ...] in the dense model -> [...]
-            return read_parts(sources[0], name.replace(".ffn.shared_expert.", ".ffn.experts."))
+            # (a bias [1, F] is one row of [F]: the parts lose the leading expert dim)
+            return (part.reshape(-1, *param.shape[1:])
+                    for part in read_parts(sources[0], name.replace(".ffn.shared_expert.", ".ffn.experts.")))
         if rule.kind == "domain_embeddings":
             return torch.stack(list(domain_embeddings.vectors.values())).to(dtype)
         if rule.kind == "stack":

@@ -317,7 +317,7 @@ def embed_domains(data: Sequence[str | DomainSpec | Domain | TokenizedDomain], s
                                                                source.seq_len, batch_size)
         return DomainEmbeddings(vectors, source.as_dict())
 
-    from bam.formats.model_dir import load_model  # noqa: PLC0415
+    from bam.formats.model_dir import load_model, tokenizer_dir_of  # noqa: PLC0415
     from bam.data.shards import prepare_domain  # noqa: PLC0415
 
     if model is None:
@@ -334,7 +334,7 @@ def embed_domains(data: Sequence[str | DomainSpec | Domain | TokenizedDomain], s
 
                 if not source.model:
                     raise BamError(f"domain '{domain_name(item)}': no tokenizer to tokenize it with; pass one")
-                tokenizer = load_tokenizer(source.model)
+                tokenizer = load_tokenizer(tokenizer_dir_of(source.model) or source.model)
             cache = Path(cache_dir) if cache_dir else default_cache_dir()
             domain = prepare_domain(_as_domain(item), tokenizer, cache, source.val_fraction, source.test_fraction)
         vectors[domain.name] = domain_embedding(model, domain, source.max_tokens, source.seq_len, batch_size,

@@ -5,9 +5,10 @@ Every output tensor is a pure function of the same-named tensors of the dense so
 its role in the parameter layout (bam/modeling/layout.py):
 
     tensor                        btx       bam       bam-shared   upcycle (one source)
-    ffn experts (gate_up, down)   stack     stack     stack        repeat N times
+    ffn experts (weights, biases) stack     stack     stack        repeat N times
     attn q (weight, bias), o      average   stack     stack        copy
     attn k, v (weight, bias)      average   stack     average      copy
+    attn o bias (GPT-NeoX)        average   average   average      copy  (one per layer: gates sum to 1)
     everything else               average   average   average      copy
     ffn router                    new       new       new          new
     attn router                   -         new       new          -

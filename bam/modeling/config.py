@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from transformers import PreTrainedConfig
+from transformers.activations import ACT2FN
 
 from bam.errors import BamError, first_line, need
 from bam.modeling.transformers_compat import CACHE_NAMES
@@ -22,15 +23,32 @@ ATTN_ROUTINGS = ("soft", "topk")
 FFN_ROUTERS = ("linear", "nexus")
 EXPERT_DISPATCHES = ("grouped", "loop")
 # RoPE variants (transformers' `rope_type`): plain RoPE, and the scaling rules transformers implements
-# in ROPE_INIT_FUNCTIONS, which bam/modeling/model.py calls rather than re-deriving them.
+# in ROPE_INIT_FUNCTIONS, which bam/modeling/attention.py calls rather than re-deriving them.
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
 DEFAULT_ROPE_THETA = 10000.0
-# Where a sequential block's norms sit: before each sublayer (Llama), or on each sublayer's output
-# before the residual add (OLMo 2).
-NORM_PLACEMENTS = ("pre", "post")
+# Where a sequential block's norms sit: before each sublayer (Llama), on each sublayer's output
+# before the residual add (OLMo 2), or both (Gemma 2 and 3's sandwich).
+NORM_PLACEMENTS = ("pre", "post", "sandwich")
 # What one q/k norm (`qk_norm`) normalizes: each head's Dh values (Qwen3), or all heads' values of a
 # token together, H*Dh for queries and H_kv*Dh for keys (OLMo 2).
 QK_NORM_SCOPES = ("head", "all")
+# What attention each layer has (`layer_types`, transformers' names): every earlier key, or the
+# `sliding_window` latest ones.
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+# The fields that fix a dense model's function: every tensor's shape, and each option that changes
+# what the parameters compute. Two dense models are experts of one MoE only if they agree on them
+# (bam/mix), and a family export must give every one of them back on import (bam/formats/export.py).
+COMPATIBILITY_FIELDS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "block", "norm", "norm_eps", "norm_placement", "rope_parameters",
+    "qkv_bias", "qk_norm", "qk_norm_scope", "nope_layers", "attention_scale", "tie_word_embeddings",
+    "embedding_multiplier", "embedding_multiplier_in_lookup", "residual_multiplier", "logit_scale",
+    "hidden_act", "norm_weight_offset", "attn_logit_softcapping", "final_logit_softcapping",
+    "sliding_window", "layer_types",
+    "parallel_ffn_norm", "norm_bias", "ffn_gated", "ffn_bias", "attn_output_bias", "cache_reset_length",
+)
 
 
 class BamConfig(PreTrainedConfig):
@@ -43,7 +61,9 @@ class BamConfig(PreTrainedConfig):
       per expert, stacked 1-D like every norm weight (so they never decay): per head,
       `q_norm` [n_attn_experts*Dh], `k_norm` [n_kv_experts*Dh]; over all heads (qk_norm_scope='all'),
       `q_norm` [n_attn_experts*H*Dh], `k_norm` [n_kv_experts*H_kv*Dh]. FFN experts are 3-D like Mixtral's:
-      `gate_up_proj` [n_ffn_experts, 2*d_ff, d] (gate rows first) and `down_proj` [E, d, d_ff].
+      `gate_up_proj` [n_ffn_experts, 2*d_ff, d] (gate rows first) and `down_proj` [E, d, d_ff]; non-gated
+      (ffn_gated=False) `up_proj` [E, d_ff, d] instead of gate_up_proj; with ffn_bias their biases
+      `gate_up_proj_bias` or `up_proj_bias` [E, 2*d_ff or d_ff] and `down_proj_bias` [E, d].
     With `ffn_shared_expert`, the always-on expert is 2-D: `ffn.shared_expert.gate_up_proj`
     [2*d_ff, d] and `ffn.shared_expert.down_proj` [d, d_ff]. The FFN router is `ffn.router.weight`
     [E, d] (linear), or for Nexus `ffn.router.domain_embeddings` [E, m] (fixed, never trained),
@@ -57,33 +77,76 @@ class BamConfig(PreTrainedConfig):
     vocab_size: int = 32000
     hidden_size: int = 512
     intermediate_size: int = 1376
+    # The activation of the gated MLP (the FFN experts and the shared expert), a key of transformers'
+    # ACT2FN: 'silu' (SwiGLU, Llama) or e.g. 'gelu_pytorch_tanh' (GeGLU, Gemma).
+    hidden_act: str = "silu"
+    # The FFN (experts and shared expert alike): gated, down(act(gate x) * up x), or with
+    # ffn_gated=False down(act(up x)) (GPT-NeoX); with ffn_bias, a bias after each matmul, one per
+    # FFN expert (bam/modeling/moe.py FFNParameters).
+    ffn_gated: bool = True
+    ffn_bias: bool = False
     num_hidden_layers: int = 8
     num_attention_heads: int = 8
     num_key_value_heads: int | None = None
     head_dim: int | None = None
     max_position_embeddings: int = 2048
     block: str = "parallel"
+    # With block='parallel': the FFN reads a norm of its own (GPT-NeoX's parallel residual,
+    # y = x + Attention(Norm1(x)) + FFN(Norm2(x))) instead of the attention's.
+    parallel_ffn_norm: bool = False
     norm: str = "rmsnorm"
+    # LayerNorm with a learned bias (GPT-NeoX), on every norm but the q/k norms.
+    norm_bias: bool = False
     norm_eps: float = 1e-5
-    # One of NORM_PLACEMENTS; 'post' (OLMo 2) needs block='sequential'.
+    # One of NORM_PLACEMENTS; 'post' (OLMo 2) and 'sandwich' (Gemma 2, 3) need block='sequential'.
     norm_placement: str = "pre"
+    # Every norm (q/k norms included) multiplies by `norm_weight_offset + weight`: Gemma stores w and
+    # computes x * (1 + w), in fp32 (offset 1.0). A norm weight is then a difference from identity,
+    # so averaging weights (BTX) averages the factors as before: the map is affine.
+    norm_weight_offset: float = 0.0
     # RoPE as transformers 5 configs describe it: `rope_type` (one of ROPE_TYPES), `rope_theta`, and
-    # that type's scaling fields (factor, original_max_position_embeddings, ...). A config.json
-    # written before this field carries a bare `rope_theta` instead: see __post_init__.
+    # that type's scaling fields (factor, original_max_position_embeddings, ...), and optionally
+    # `partial_rotary_factor`: RoPE on the first `rotary_dim` dims of each head only. A config.json
+    # written before this field carries a bare `rope_theta` instead: see __post_init__. With
+    # `layer_types`, transformers' nested form gives each layer type its own RoPE, keyed by the type
+    # (Gemma 3: {"sliding_attention": local RoPE, "full_attention": global RoPE}): see `rope_by_type`.
     rope_parameters: dict | None = None
+    # Phi-3's LongRoPE in generation: when the sequence first grows past this many positions (its
+    # original_max_position_embeddings), generate() drops the KV cache and recomputes it, so that
+    # every key is rotated with the long factors, as Phi3ForCausalLM.prepare_inputs_for_generation
+    # does. None: the cache is kept (Llama's LongRoPE). A forward pass is the same either way.
+    cache_reset_length: int | None = None
     qkv_bias: bool = False
+    # A bias on the attention's output projection (GPT-NeoX): one per layer, whatever the number of
+    # attention experts (their gates sum to 1: bam/modeling/attention.py MixtureOfAttention).
+    attn_output_bias: bool = False
     # RMSNorm (of kind `norm`, eps `norm_eps`) of queries and keys before RoPE, over `qk_norm_scope`
     # (one of QK_NORM_SCOPES): each head (Qwen3) or all heads together (OLMo 2).
     qk_norm: bool = False
     qk_norm_scope: str = "head"
     # Layers (indices) whose attention has no positional encoding at all (NoPE, SmolLM3).
     nope_layers: list[int] | None = None
+    # Sliding-window attention, transformers' meaning: a query at position t sees the keys at
+    # t - sliding_window < s <= t (the window counts the query itself). `layer_types` says per layer
+    # which attention it has, one of LAYER_TYPES; with a window and no layer_types every layer slides
+    # (Mistral). Each layer's mask comes from one function, bam/modeling/attention.py attention_mask_for.
+    sliding_window: int | None = None
+    layer_types: list[str] | None = None
     # The softmax scale of attention; None is 1/sqrt(head_dim). Granite's attention_multiplier.
     attention_scale: float | None = None
+    # Gemma 2's soft-capping, `cap * tanh(logits / cap)`, of the attention logits (before the mask) and
+    # of the final logits; None: none. SDPA cannot cap, so capped attention takes an explicit-softmax
+    # path, which costs time and memory only when this is set.
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
     # Granite: token embeddings are multiplied by embedding_multiplier, each sublayer's output by
     # residual_multiplier before it is added to the residual stream, and the logits by logit_scale
     # (Cohere's; Granite's divisor logits_scaling is 1 / logit_scale).
     embedding_multiplier: float = 1.0
+    # Gemma: embedding_multiplier belongs to the token lookup (transformers' ScaledWordEmbedding): it
+    # is rounded to the embeddings' dtype before it multiplies them (in bf16, sqrt(hidden_size) is
+    # then up to 0.2% off its fp32 value), and inputs_embeds passed in are not multiplied.
+    embedding_multiplier_in_lookup: bool = False
     residual_multiplier: float = 1.0
     logit_scale: float = 1.0
     tie_word_embeddings: bool = False
@@ -114,6 +177,10 @@ class BamConfig(PreTrainedConfig):
     # (bam.mix.nexus.EmbeddingSource as a dict), so an expert added later is embedded the same way.
     ffn_expert_domains: list[str] | None = None
     nexus_embedding_source: dict | None = None
+    # Bookkeeping too: the Hugging Face family (`model_type`) a model was imported from, set by
+    # import (bam/formats/families.py translate_config) and carried through train, mix and add-expert, so `bam export
+    # --format source` writes it back to that family. None for a model bam initialised.
+    source_model_type: str | None = None
 
     # Auxiliary losses on the FFN router, summed over layers and added to the LM loss.
     router_aux_loss_coef: float = 0.01
@@ -145,9 +212,29 @@ class BamConfig(PreTrainedConfig):
         self.validate()
 
     @property
+    def rotary_dim(self) -> int:
+        """How many of each head's dims RoPE rotates: the first int(head_dim * partial_rotary_factor),
+        transformers' rule (Phi-4-mini 0.75, GPT-NeoX 0.25); every one by default."""
+        return int(self.head_dim * self.rope_parameters.get("partial_rotary_factor", 1.0))
+
+    def rope_by_type(self) -> dict[str | None, dict]:
+        """The RoPE description of each layer type: {None: rope_parameters} when all layers share one,
+        else rope_parameters itself, nested by layer type (transformers' form, Gemma 3)."""
+        rope = self.rope_parameters
+        if isinstance(rope, dict) and rope and set(rope) <= set(LAYER_TYPES):
+            return dict(rope)
+        return {None: rope}
+
+    @property
     def n_kv_experts(self) -> int:
         """How many K/V projections (and KV caches) each layer holds."""
         return 1 if self.kv_shared else self.n_attn_experts
+
+    def attention_window(self, layer_idx: int) -> int | None:
+        """How many latest keys layer `layer_idx`'s attention sees (its sliding window), None for all."""
+        if self.layer_types is not None and self.layer_types[layer_idx] != "sliding_attention":
+            return None
+        return self.sliding_window
 
     @property
     def is_dense(self) -> bool:
@@ -169,10 +256,22 @@ class BamConfig(PreTrainedConfig):
              f"a divisor of num_attention_heads={self.num_attention_heads}")
         check(self.head_dim % 2 == 0, "head_dim", "an even number (RoPE rotates pairs)")
         check(self.block in BLOCKS, "block", f"one of {BLOCKS}")
+        check(isinstance(self.hidden_act, str) and self.hidden_act in ACT2FN, "hidden_act",
+              "an activation name of transformers' ACT2FN (e.g. 'silu', 'gelu_pytorch_tanh')")
         check(self.norm in NORMS, "norm", f"one of {NORMS}")
         check(self.norm_placement in NORM_PLACEMENTS, "norm_placement", f"one of {NORM_PLACEMENTS}")
         check(self.norm_placement == "pre" or self.block == "sequential", "norm_placement",
               "'pre' with block='parallel' (its attention and FFN share one input norm)")
+        for field in ("parallel_ffn_norm", "norm_bias", "ffn_gated", "ffn_bias", "attn_output_bias",
+                      "embedding_multiplier_in_lookup"):
+            check(isinstance(getattr(self, field), bool), field, "true or false")
+        reset = self.cache_reset_length
+        check(reset is None or (isinstance(reset, int) and not isinstance(reset, bool) and reset > 0),
+              "cache_reset_length", "null or a positive integer")
+        check(not self.parallel_ffn_norm or self.block == "parallel", "parallel_ffn_norm",
+              "false unless block='parallel'")
+        check(not self.norm_bias or (self.norm == "layernorm" and not self.norm_weight_offset), "norm_bias",
+              "false unless norm='layernorm' (and norm_weight_offset 0)")
         check(self.attn_routing in ATTN_ROUTINGS, "attn_routing", f"one of {ATTN_ROUTINGS}")
         check(self.ffn_router in FFN_ROUTERS, "ffn_router", f"one of {FFN_ROUTERS}")
         check(self.expert_dispatch in EXPERT_DISPATCHES, "expert_dispatch", f"one of {EXPERT_DISPATCHES}")
@@ -180,12 +279,26 @@ class BamConfig(PreTrainedConfig):
         check(self.attn_top_k <= self.n_attn_experts, "attn_top_k",
              f"at most n_attn_experts={self.n_attn_experts}")
         check(self.norm_eps > 0, "norm_eps", "a positive number")
+        rope_by_type = self.rope_by_type()
+        # (without layer_types transformers' standardization reads a nested form as one RoPE with the
+        # types as stray keys: refused here rather than run as plain RoPE)
+        one_rope = None in rope_by_type and not set(LAYER_TYPES) & set(self.rope_parameters or ())
+        check(one_rope or (None not in rope_by_type and self.layer_types is not None
+                           and set(rope_by_type) == set(self.layer_types)
+                           and all(isinstance(r, dict) and "partial_rotary_factor" not in r
+                                   for r in rope_by_type.values())),
+              "rope_parameters", f"one RoPE description, or one per layer type of layer_types={self.layer_types} "
+              f"keyed by it (each rotating every dimension)")
+        for rope in rope_by_type.values():
+            check(isinstance(rope, dict) and rope.get("rope_type") in ROPE_TYPES
+                  and isinstance(rope.get("rope_theta"), (int, float)) and rope["rope_theta"] > 0
+                  and isinstance(rope.get("partial_rotary_factor", 1.0), (int, float))
+                  and 0 < rope.get("partial_rotary_factor", 1.0) <= 1, "rope_parameters",
+                  f"rope_type one of {ROPE_TYPES}, a positive rope_theta and a partial_rotary_factor in (0, 1]")
         rope = self.rope_parameters
-        check(isinstance(rope, dict) and rope.get("rope_type") in ROPE_TYPES
-              and isinstance(rope.get("rope_theta"), (int, float)) and rope["rope_theta"] > 0
-              and rope.get("partial_rotary_factor", 1.0) == 1.0, "rope_parameters",
-              f"rope_type one of {ROPE_TYPES}, a positive rope_theta and every dimension rotated "
-              f"(no partial_rotary_factor)")
+        check(self.rotary_dim % 2 == 0 and self.rotary_dim > 0, "rope_parameters",
+              f"a partial_rotary_factor rotating an even number of each head's {self.head_dim} dims "
+              f"(int(head_dim * partial_rotary_factor) = {self.rotary_dim}; RoPE rotates pairs)")
         try:  # transformers' own check of the fields each rope_type needs (KeyError names them)
             self.validate_rope()
         except (KeyError, TypeError, ValueError) as err:
@@ -202,9 +315,24 @@ class BamConfig(PreTrainedConfig):
                                  and all(isinstance(i, int) and not isinstance(i, bool)
                                          and 0 <= i < self.num_hidden_layers for i in layers)),
               "nope_layers", f"null or increasing layer indices below num_hidden_layers={self.num_hidden_layers}")
+        window = self.sliding_window
+        check(window is None or (isinstance(window, int) and not isinstance(window, bool) and window > 0),
+              "sliding_window", "null (no sliding window) or a positive integer")
+        types = self.layer_types
+        check(types is None or (isinstance(types, list) and len(types) == self.num_hidden_layers
+                                and all(t in LAYER_TYPES for t in types)),
+              "layer_types", f"null or {self.num_hidden_layers} entries (one per layer), each one of {LAYER_TYPES}")
+        check(window is not None or "sliding_attention" not in (types or ()), "layer_types",
+              "no 'sliding_attention' layer without a sliding_window")
         scale = self.attention_scale
         check(scale is None or (isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0),
               "attention_scale", "null (1/sqrt(head_dim)) or a positive number")
+        for field in ("attn_logit_softcapping", "final_logit_softcapping"):
+            value = getattr(self, field)
+            check(value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0),
+                  field, "null (no capping) or a positive number")
+        offset = self.norm_weight_offset
+        check(isinstance(offset, (int, float)) and not isinstance(offset, bool), "norm_weight_offset", "a number")
         for field in ("embedding_multiplier", "residual_multiplier", "logit_scale"):
             value = getattr(self, field)
             check(isinstance(value, (int, float)) and not isinstance(value, bool) and value != 0, field,
@@ -223,6 +351,8 @@ class BamConfig(PreTrainedConfig):
              "ffn_expert_domains", f"null or {self.n_ffn_experts} distinct names, one per FFN expert")
         check(self.nexus_embedding_source is None or isinstance(self.nexus_embedding_source, dict),
              "nexus_embedding_source", "null or an object")
+        check(self.source_model_type is None or (isinstance(self.source_model_type, str) and self.source_model_type),
+              "source_model_type", "null or a Hugging Face model_type")
 
 
 def config_from_dict(config_dict: dict, where: Path | str) -> BamConfig:

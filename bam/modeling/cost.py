@@ -23,14 +23,18 @@ FLOPs per token, inference, 2 per multiply-accumulate; per layer (METHOD.md sect
     output projections   2 * Na * q * d               = 2Nd^2
     FFN router           2 * E * d                    linear: only when E > 1 (METHOD writes 2Nd);
                                                       nexus: the scores h . e_i, always
-    FFN                  2 * 3 * k * d * d_ff         SwiGLU: gate, up and down matrices
+    FFN                  2 * 3 * k * d * d_ff         SwiGLU: gate, up and down matrices (2 * 2 * ...
+                                                      for a non-gated MLP, ffn_gated=False)
     shared expert        2 * 3 * d * d_ff             only with ffn_shared_expert
 plus the LM head, 2 * d * V, once per token. The Nexus projection e_i = W2 SwiGLU(W1 d_i) does not
 depend on the token: it costs `nexus_projection_flops` per layer once per forward pass (and could
 be cached at inference), so it is not in the per-token count. Not counted (all O(d) per layer): norms, RoPE, softmax,
 gating products, biases, the embedding lookup. Training = 3x inference (forward + backward).
 
-KV-cache bytes per token: L * 2 (K and V) * Nkv * H_kv * Dh * dtype_bytes.
+KV-cache bytes per token: L * 2 (K and V) * Nkv * H_kv * Dh * dtype_bytes. A sliding-window layer's cache
+(transformers' sliding-window cache layer, which DynamicCache(config=...) makes for it) keeps only
+its last sliding_window - 1 positions, so with such layers the bytes per token of an n_ctx-token
+context are kv_cache_bytes(config, n_ctx) / n_ctx: each sliding layer counts min(n_ctx, window - 1).
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ def _kv_width(config: BamConfig) -> int:
 
 
 # Which part of a layer's parameter count each role of the layout (bam/modeling/layout.py) is.
-_COST_PART = {"norm": "norms", "attn_query": "attention", "attn_key_value": "attention",
+_COST_PART = {"norm": "norms", "attn_query": "attention", "attn_key_value": "attention", "attn_output": "attention",
               "attn_router": "attn_router", "ffn_router": "ffn_router", "nexus_projection": "ffn_router",
               "domain_embeddings": "ffn_router", "ffn_experts": "ffn", "shared_expert": "shared_expert"}
 
@@ -94,14 +98,15 @@ def layer_flops(config: BamConfig, n_ctx: int) -> dict[str, int]:
     q, kv = _query_width(config), _kv_width(config)
     e = config.n_ffn_experts
     has_ffn_router = e > 1 or config.ffn_router == "nexus"
+    matrices = 3 if config.ffn_gated else 2  # gate, up, down; GPT-NeoX's non-gated MLP has no gate
     return {
         "attn_router": 2 * na * d if na > 1 else 0,
         "qkv_projections": 2 * d * (na * q + 2 * nkv * kv),
         "attention_scores_and_mixing": 2 * na * n_ctx * q,
         "output_projections": 2 * na * q * d,
         "ffn_router": 2 * e * d if has_ffn_router else 0,
-        "ffn": 2 * 3 * config.ffn_top_k * d * config.intermediate_size,
-        "shared_expert": 2 * 3 * d * config.intermediate_size if config.ffn_shared_expert else 0,
+        "ffn": 2 * matrices * config.ffn_top_k * d * config.intermediate_size,
+        "shared_expert": 2 * matrices * d * config.intermediate_size if config.ffn_shared_expert else 0,
     }
 
 
@@ -120,8 +125,23 @@ def flops_per_token(config: BamConfig, n_ctx: int, training: bool = False) -> in
     return inference * (TRAINING_FLOPS_FACTOR if training else 1)
 
 
-def kv_cache_bytes_per_token(config: BamConfig, dtype_bytes: int = 2) -> int:
-    return config.num_hidden_layers * 2 * config.n_kv_experts * _kv_width(config) * dtype_bytes
+def kv_cache_bytes_per_token(config: BamConfig, dtype_bytes: int = 2, n_ctx: int | None = None) -> int | float:
+    """Per token of context; with sliding-window layers it depends on the context, so `n_ctx` is needed."""
+    if not any(config.attention_window(i) for i in range(config.num_hidden_layers)):
+        return config.num_hidden_layers * 2 * config.n_kv_experts * _kv_width(config) * dtype_bytes
+    if n_ctx is None:
+        raise ValueError("kv_cache_bytes_per_token: a model with sliding-window layers needs n_ctx")
+    return kv_cache_bytes(config, n_ctx, dtype_bytes) / n_ctx
+
+
+def kv_cache_bytes(config: BamConfig, n_ctx: int, dtype_bytes: int = 2) -> int:
+    """The KV cache of one sequence of n_ctx tokens, as transformers' DynamicCache(config=...) keeps it."""
+    positions = 0
+    for i in range(config.num_hidden_layers):
+        window = config.attention_window(i)
+        # A window of 1 keeps everything: the sliding cache layer's slice [-(window - 1):] is [0:].
+        positions += n_ctx if window is None or window == 1 else min(n_ctx, window - 1)
+    return positions * 2 * config.n_kv_experts * _kv_width(config) * dtype_bytes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,7 +165,7 @@ def summarize(config: BamConfig, n_ctx: int = 256, dtype_bytes: int = 2) -> dict
         "flops_per_token": flops_per_token(config, n_ctx),
         "training_flops_per_token": flops_per_token(config, n_ctx, training=True),
         "n_ctx": n_ctx,
-        "kv_cache_bytes_per_token": kv_cache_bytes_per_token(config, dtype_bytes),
+        "kv_cache_bytes_per_token": kv_cache_bytes_per_token(config, dtype_bytes, n_ctx),
         "dtype_bytes": dtype_bytes,
         "flops_per_layer": layer_flops(config, n_ctx),
         "config": {

@@ -13,16 +13,19 @@ projection) is the one bam/modeling/config.py describes.
     embedding          model.embed_tokens.weight                  -               yes     yes
     lm_head            lm_head.weight (absent when tied)          -               yes     yes
     norm               input_norm, post_attention_norm, norm;     -               no      yes
-                       attn_output_norm, ffn_output_norm (post)
+                       attn_output_norm, ffn_output_norm (post) or all four (sandwich);
+                       ffn_input_norm (parallel_ffn_norm); each a weight, and a bias with norm_bias
     attn_query         attn.q_proj (weight, bias), attn.o_proj,   q: 0, o: 1      yes     yes
                        attn.q_norm (qk_norm)                      0               no      yes
     attn_key_value     attn.k_proj, attn.v_proj (weight, bias),   0               yes     yes
                        attn.k_norm (qk_norm)                      0               no      yes
+    attn_output        attn.o_proj.bias (attn_output_bias)        -               no      yes
     attn_router        attn.router.weight                         -               no      yes
     ffn_router         ffn.router.weight (linear router)          -               no      yes
     nexus_projection   ffn.router.gate_up_proj, down_proj (W1,W2) -               no      yes
     domain_embeddings  ffn.router.domain_embeddings               0               no      no
     ffn_experts        ffn.experts.gate_up_proj, down_proj        0               yes     yes
+                       (up_proj if not ffn_gated; biases: ffn_bias)
     shared_expert      ffn.shared_expert.gate_up_proj, down_proj  -               yes     yes
 
 The q/k norms (`qk_norm`) belong to the attention expert whose heads they normalize, so BAM stacks
@@ -32,9 +35,17 @@ and k_norm [n_kv_experts * head_dim]; over all heads (qk_norm_scope='all', OLMo 
 [n_attn_experts * H * head_dim] and k_norm [n_kv_experts * H_kv * head_dim]; 1-D, so like every
 norm weight they do not decay.
 
+The output projection's bias (attn_output_bias, GPT-NeoX) is one per layer, not per attention
+expert: the soft gates sum to 1, so sum_j g_j (o_j + b) = sum_j g_j o_j + b. Every method averages
+it, which for copies of one model is that model's bias (the mixture then equals the dense model).
+
 With norm_placement='post' (OLMo 2) a layer has no input norms: `attn_output_norm` normalizes the
 attention's output (the mixture's, after o_proj) and `ffn_output_norm` the FFN's, each before the
 residual add; one per layer like any norm, so every method averages them.
+With norm_placement='sandwich' (Gemma 2, 3) a layer has both: `input_norm` and `post_attention_norm`
+(the FFN's input norm, Llama's name) as with 'pre', then `attn_output_norm` and `ffn_output_norm` as
+with 'post'. With norm_weight_offset (Gemma) a norm weight w stands for the factor offset + w; the
+map is affine, so averaging the weights averages the factors and every method keeps its meaning.
 
 Biases decay in no role (the nanoGPT/LLaMA convention, as for norms). Routers do not decay either:
 decay pulls them to zero, towards uniform routing, which fights the experts' specialisation. A
@@ -61,6 +72,7 @@ ROLES = {
     "norm": Role(decays=False),
     "attn_query": Role(decays=True),  # one per attention expert
     "attn_key_value": Role(decays=True),  # one per attention expert, or one shared (kv_shared)
+    "attn_output": Role(decays=False),  # the output projection's bias: one per layer, whatever the experts
     "attn_router": Role(decays=False),
     "ffn_router": Role(decays=False),
     "nexus_projection": Role(decays=False),
@@ -91,7 +103,9 @@ class Param:
 
     @property
     def decays(self) -> bool:
-        return ROLES[self.role].decays and len(self.shape) >= 2
+        # Matrices decay, vectors (norm weights, biases) never: the FFN experts' biases (ffn_bias) are
+        # [E, F] stacks of vectors, so a bias is known by its name.
+        return ROLES[self.role].decays and len(self.shape) >= 2 and not self.name.endswith("bias")
 
     @property
     def trained(self) -> bool:
@@ -111,7 +125,7 @@ def qk_norm_widths(config: BamConfig) -> tuple[int, int]:
 
 def layer_parameters(config: BamConfig, i: int) -> list[Param]:
     """The tensors of layer `i`, in module order."""
-    d, f = config.hidden_size, config.intermediate_size
+    d = config.hidden_size
     q_width = config.n_attn_experts * config.num_attention_heads * config.head_dim
     kv_width = config.n_kv_experts * config.num_key_value_heads * config.head_dim
     n_ffn = config.n_ffn_experts
@@ -120,18 +134,28 @@ def layer_parameters(config: BamConfig, i: int) -> list[Param]:
     def param(local: str, shape: tuple[int, ...], role: str, expert_dim: int | None = None) -> Param:
         return Param(prefix + local, shape, role, expert_dim, i)
 
+    def norms(*names: str) -> list[Param]:  # each norm's weight, and its bias with norm_bias
+        kinds = ("weight", "bias") if config.norm_bias else ("weight",)
+        return [param(f"{name}.{kind}", (d,), "norm") for name in names for kind in kinds]
+
     if config.norm_placement == "post":  # OLMo 2: each sublayer's output, before the residual add
-        params = [param("attn_output_norm.weight", (d,), "norm"), param("ffn_output_norm.weight", (d,), "norm")]
+        params = norms("attn_output_norm", "ffn_output_norm")
     else:
-        params = [param("input_norm.weight", (d,), "norm")]
+        params = norms("input_norm")
         if config.block == "sequential":
-            params.append(param("post_attention_norm.weight", (d,), "norm"))
+            params += norms("post_attention_norm")
+    if config.parallel_ffn_norm:  # GPT-NeoX: the parallel block's FFN reads a norm of its own
+        params += norms("ffn_input_norm")
+    if config.norm_placement == "sandwich":  # Gemma 2, 3: the 'pre' norms, then the 'post' ones
+        params += norms("attn_output_norm", "ffn_output_norm")
     for proj, width, role in (("q", q_width, "attn_query"), ("k", kv_width, "attn_key_value"),
                               ("v", kv_width, "attn_key_value")):
         params.append(param(f"attn.{proj}_proj.weight", (width, d), role, 0))
         if config.qkv_bias:
             params.append(param(f"attn.{proj}_proj.bias", (width,), role, 0))
     params.append(param("attn.o_proj.weight", (d, q_width), "attn_query", 1))
+    if config.attn_output_bias:  # one per layer, not per expert (see ROLES)
+        params.append(param("attn.o_proj.bias", (d,), "attn_output"))
     if config.qk_norm:
         q_norm, k_norm = qk_norm_widths(config)
         params += [param("attn.q_norm.weight", (config.n_attn_experts * q_norm,), "attn_query", 0),
@@ -145,12 +169,22 @@ def layer_parameters(config: BamConfig, i: int) -> list[Param]:
                    param("ffn.router.down_proj", (d, h), "nexus_projection")]
     elif n_ffn > 1:  # one expert takes every token: no linear router (bam/modeling/moe.py)
         params.append(param("ffn.router.weight", (n_ffn, d), "ffn_router"))
-    params += [param("ffn.experts.gate_up_proj", (n_ffn, 2 * f, d), "ffn_experts", 0),
-               param("ffn.experts.down_proj", (n_ffn, d, f), "ffn_experts", 0)]
+    params += [param(f"ffn.experts.{local}", (n_ffn, *shape), "ffn_experts", 0) for local, shape in ffn_shapes(config)]
     if config.ffn_shared_expert:
-        params += [param("ffn.shared_expert.gate_up_proj", (2 * f, d), "shared_expert"),
-                   param("ffn.shared_expert.down_proj", (d, f), "shared_expert")]
+        params += [param(f"ffn.shared_expert.{local}", shape, "shared_expert") for local, shape in ffn_shapes(config)]
     return params
+
+
+def ffn_shapes(config: BamConfig) -> list[tuple[str, tuple[int, ...]]]:
+    """One FFN's tensors and shapes, in module order (bam/modeling/moe.py FFNParameters): the input
+    projection, [gate; up] rows of a gated MLP or up alone (ffn_gated=False), down_proj, then with
+    ffn_bias their biases. The FFN experts stack E of these along a leading dim."""
+    d, f = config.hidden_size, config.intermediate_size
+    in_proj, in_width = ("gate_up_proj", 2 * f) if config.ffn_gated else ("up_proj", f)
+    shapes = [(in_proj, (in_width, d)), ("down_proj", (d, f))]
+    if config.ffn_bias:
+        shapes += [(f"{in_proj}_bias", (in_width,)), ("down_proj_bias", (d,))]
+    return shapes
 
 
 def parameters(config: BamConfig) -> list[Param]:
@@ -165,6 +199,8 @@ def parameters(config: BamConfig) -> list[Param]:
     for i in range(config.num_hidden_layers):
         params += layer_parameters(config, i)
     params.append(Param("model.norm.weight", (d,), "norm"))
+    if config.norm_bias:
+        params.append(Param("model.norm.bias", (d,), "norm"))
     if not config.tie_word_embeddings:
         params.append(Param("lm_head.weight", (v, d), "lm_head"))
     return params

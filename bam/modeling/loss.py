@@ -15,6 +15,10 @@ mean, as F.cross_entropy's):
     dh = s * (softmax(z) W - W_t) / n          dW = (softmax(z)^T (s h) - scatter_t(s h)) / n
 The onehot terms are a gather and a scatter of [T, D] rows, done once after the chunk loop.
 
+With final-logit soft-capping (Gemma 2) the logits are z = c tanh(u / c) of u = s * W h, so the
+loss sees z and the GEMMs see dloss/du = (softmax(z) - onehot(t)) * (1 - (z / c)^2): the factor
+multiplies the softmax rows in place and, for the onehot terms, is kept per row at the target.
+
 Shape suffixes: the letters of bam/modeling/__init__.py.
 """
 
@@ -39,9 +43,9 @@ def default_chunk_rows(vocab_size: int) -> int:
 
 def linear_cross_entropy(h_TD: torch.Tensor, weight_VD: torch.Tensor, targets_T: torch.Tensor, *,
                          logit_scale: float = 1.0, ignore_index: int = -100,
-                         chunk_rows: int | None = None) -> torch.Tensor:
+                         chunk_rows: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """`F.cross_entropy(logit_scale * h @ weight.T, targets, ignore_index=...)` (mean reduction),
-    without materializing the logits.
+    without materializing the logits; with `softcap` c, of the capped logits `c * tanh(logits / c)`.
 
     Under autocast the GEMMs run in the autocast dtype (as `nn.Linear` would) while the softmax
     statistics, the loss and the gradient accumulators stay in fp32; the gradients come back in
@@ -57,18 +61,18 @@ def linear_cross_entropy(h_TD: torch.Tensor, weight_VD: torch.Tensor, targets_T:
     need_dh = torch.is_grad_enabled() and h_TD.requires_grad
     need_dW = torch.is_grad_enabled() and weight_VD.requires_grad
     return _LinearCrossEntropy.apply(h_TD, weight_VD, targets_T, float(logit_scale), ignore_index,
-                                     chunk_rows, compute_dtype, need_dh, need_dW)
+                                     chunk_rows, compute_dtype, need_dh, need_dW, softcap)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h_TD, weight_VD, targets_T, logit_scale, ignore_index, chunk_rows, compute_dtype,
-                need_dh, need_dW):
+                need_dh, need_dW, softcap):
         dtype = compute_dtype or torch.promote_types(h_TD.dtype, weight_VD.dtype)
         with torch.autocast(h_TD.device.type, enabled=False):
             loss, grad_h_TD, grad_W_VD = _loss_and_grads(
                 h_TD.reshape(-1, h_TD.shape[-1]), weight_VD, targets_T.reshape(-1), logit_scale, ignore_index,
-                chunk_rows, dtype, need_dh, need_dW)
+                chunk_rows, dtype, need_dh, need_dW, softcap)
         ctx.grad_h = grad_h_TD.to(h_TD.dtype).view_as(h_TD) if need_dh else None
         ctx.grad_W = grad_W_VD.to(weight_VD.dtype) if need_dW else None
         ctx.released = False
@@ -89,10 +93,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_h.mul_(grad_loss)
         if grad_W is not None:
             grad_W.mul_(grad_loss)
-        return grad_h, grad_W, None, None, None, None, None, None, None
+        return grad_h, grad_W, None, None, None, None, None, None, None, None
 
 
-def _loss_and_grads(h_TD, weight_VD, targets_T, scale, ignore_index, chunk_rows, dtype, need_dh, need_dW):
+def _loss_and_grads(h_TD, weight_VD, targets_T, scale, ignore_index, chunk_rows, dtype, need_dh, need_dW,
+                    softcap=None):
     """fp32 loss (mean over non-ignored targets) and, as asked, fp32 dloss/dh [T, D] and dloss/dW [V, D]."""
     n_rows, n_vocab = h_TD.shape[0], weight_VD.shape[0]
     keep_T = targets_T != ignore_index
@@ -116,16 +121,24 @@ def _loss_and_grads(h_TD, weight_VD, targets_T, scale, ignore_index, chunk_rows,
     p_buffer = torch.empty_like(z_buffer)
     grad_h_TD = torch.empty(hs_TD.shape, dtype=torch.float32, device=h_TD.device) if need_dh else None
     loss_sum = torch.zeros((), dtype=torch.float32, device=h_TD.device)
+    # With soft-capping: each row's dz/du at its target, for the onehot terms after the loop.
+    cap_slope_T = torch.empty(hs_TD.shape[0], dtype=torch.float32, device=h_TD.device) if softcap else None
     for start in range(0, hs_TD.shape[0], chunk_rows):
         hs_CD, t_C = hs_TD[start:start + chunk_rows], targets_T[start:start + chunk_rows]
         z_CV, p_CV = z_buffer[:hs_CD.shape[0]], p_buffer[:hs_CD.shape[0]]
         _matmul_into(z_CV, hs_CD, w_VD.T)
+        if softcap:  # z = c tanh(u / c), in the order of the unfused head
+            z_CV.div_(softcap).tanh_().mul_(softcap)
         max_C = z_CV.amax(dim=1)
         target_logit_C = z_CV.gather(1, t_C[:, None]).squeeze(1)
         torch.softmax(z_CV, dim=1, out=p_CV)
         # The largest probability is exp(0) / sum(exp(z - max)), so logsumexp = max - log(max p):
         # no second exp pass, and max p >= 1/V never underflows.
         loss_sum += (max_C - p_CV.amax(dim=1).log() - target_logit_C).sum()
+        if softcap and (need_dh or need_dW):  # dloss/du = (p - onehot) * (1 - (z / c)^2)
+            slope_CV = z_CV.div_(softcap).square_().neg_().add_(1.0)
+            cap_slope_T[start:start + hs_CD.shape[0]] = slope_CV.gather(1, t_C[:, None]).squeeze(1)
+            p_CV.mul_(slope_CV)
         p_op = p_CV.to(dtype) if need_dh or need_dW else None
         if need_dh:
             _matmul_into(grad_h_TD[start:start + hs_CD.shape[0]], p_op, w_VD)  # softmax @ W
@@ -135,11 +148,15 @@ def _loss_and_grads(h_TD, weight_VD, targets_T, scale, ignore_index, chunk_rows,
 
     # The onehot part of softmax - onehot; for dh also the mean's 1/n and the chain rule's s.
     if need_dh:
-        grad_h_TD.sub_(w_VD.index_select(0, targets_T).float()).mul_(scale * inv_n)
+        w_target_TD = w_VD.index_select(0, targets_T).float()
+        if softcap:
+            w_target_TD.mul_(cap_slope_T[:, None])
+        grad_h_TD.sub_(w_target_TD).mul_(scale * inv_n)
         if rows_T is not None:
             grad_h_TD = grad_h_TD.new_zeros(n_rows, grad_h_TD.shape[1]).index_copy_(0, rows_T, grad_h_TD)
     if need_dW:
-        grad_W_VD.index_add_(0, targets_T, hs_TD.float(), alpha=-inv_n)
+        hs_target_TD = hs_TD.float() * cap_slope_T[:, None] if softcap else hs_TD.float()
+        grad_W_VD.index_add_(0, targets_T, hs_target_TD, alpha=-inv_n)
     return loss, grad_h_TD, grad_W_VD
 
 

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from transformers.activations import ACT2FN
+
 from bam.modeling.config import BamConfig
 
 
@@ -125,10 +127,26 @@ def fp32_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(x.float(), weight.float())
 
 
-def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """`down (silu(gate x) * up x)` with `gate_up` = [gate; up] stacked as [2F, D], down [D, F]."""
-    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
-    return F.linear(F.silu(gate) * up, down)
+def activation(name: str):
+    """The gated MLP's activation `config.hidden_act`: F.silu itself for 'silu' (today's op, no module
+    call in the hot path), else transformers' own ACT2FN[name] (Gemma's gelu_pytorch_tanh)."""
+    return F.silu if name == "silu" else ACT2FN[name]
+
+
+def mlp(x: torch.Tensor, in_proj: torch.Tensor, down: torch.Tensor, act=F.silu, gated: bool = True,
+        in_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """One FFN, down [D, F]: gated, `down (act(gate x) * up x)` with `in_proj` = [gate; up] stacked
+    as [2F, D] (SwiGLU with silu, GeGLU with a GELU), or not (GPT-NeoX), `down act(up x)` with
+    `in_proj` = up [F, D]; biases (ffn_bias) added after each matmul."""
+    return F.linear(ffn_hidden(F.linear(x, in_proj, in_bias), act, gated), down, down_bias)
+
+
+def ffn_hidden(h: torch.Tensor, act, gated: bool) -> torch.Tensor:
+    """The FFN's hidden activations from its input projection's output: act(gate) * up, or act(up)."""
+    if gated:
+        gate, up = h.chunk(2, dim=-1)
+        return act(gate) * up
+    return act(h)
 
 
 def _contiguous_grad(grad: torch.Tensor) -> torch.Tensor:
@@ -154,21 +172,50 @@ def _grouped_mm_usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     return all(dim % align == 0 for w in weights for dim in w.shape[1:])
 
 
-class SwiGLUExperts(nn.Module):
-    """E SwiGLU FFNs stored as 3-D tensors (the layout of transformers' Mixtral, gate rows first)."""
+class FFNParameters(nn.Module):
+    """The tensors of one FFN, or of E stacked along a leading dim (`experts` = (E,)), in the
+    layout's order (bam/modeling/layout.py): the input projection, `gate_up_proj` [..., 2F, D] (gate
+    rows first) of a gated MLP or `up_proj` [..., F, D] with ffn_gated=False (GPT-NeoX), `down_proj`
+    [..., D, F], then with ffn_bias their biases `gate_up_proj_bias` / `up_proj_bias` [..., 2F or F]
+    and `down_proj_bias` [..., D]. The activation is config.hidden_act."""
 
-    def __init__(self, config: BamConfig, n_experts: int):
+    def __init__(self, config: BamConfig, *experts: int):
         super().__init__()
         d, f = config.hidden_size, config.intermediate_size
-        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * f, d))
-        self.down_proj = nn.Parameter(torch.empty(n_experts, d, f))
+        self.gated = config.ffn_gated
+        self.act = activation(config.hidden_act)
+        self.in_name = "gate_up_proj" if self.gated else "up_proj"
+        in_width = 2 * f if self.gated else f
+        self.register_parameter(self.in_name, nn.Parameter(torch.empty(*experts, in_width, d)))
+        self.down_proj = nn.Parameter(torch.empty(*experts, d, f))
+        for name, width in ((self.in_name + "_bias", in_width), ("down_proj_bias", d)):
+            self.register_parameter(name, nn.Parameter(torch.empty(*experts, width)) if config.ffn_bias else None)
+
+    @property
+    def in_proj(self) -> nn.Parameter:
+        return getattr(self, self.in_name)
+
+    @property
+    def in_proj_bias(self) -> nn.Parameter | None:
+        return getattr(self, self.in_name + "_bias")
+
+
+class FFNExperts(FFNParameters):
+    """E FFNs stored as 3-D tensors (the layout of transformers' Mixtral, gate rows first): SwiGLU
+    unless config.hidden_act names another activation (GeGLU for Gemma), or non-gated (GPT-NeoX)."""
+
+    def __init__(self, config: BamConfig, n_experts: int):
+        super().__init__(config, n_experts)
         self.dispatch = config.expert_dispatch
 
     def dense(self, h_TD: torch.Tensor) -> torch.Tensor:
         """Run every token through the only expert: the dense model's FFN."""
         # squeeze(0) is a view, whose backward is free; indexing [0] would build a zero gradient
         # of the whole [1, 2F, D] tensor and copy into it, one more pass over the weights.
-        return swiglu(h_TD, self.gate_up_proj.squeeze(0), self.down_proj.squeeze(0))
+        in_bias, down_bias = self.in_proj_bias, self.down_proj_bias
+        if in_bias is not None:
+            in_bias, down_bias = in_bias.squeeze(0), down_bias.squeeze(0)
+        return mlp(h_TD, self.in_proj.squeeze(0), self.down_proj.squeeze(0), self.act, self.gated, in_bias, down_bias)
 
     def forward(self, h_TD: torch.Tensor, expert_index_TK: torch.Tensor, gate_TK: torch.Tensor,
                 counts_E: torch.Tensor | None = None) -> torch.Tensor:
@@ -177,7 +224,8 @@ class SwiGLUExperts(nn.Module):
         `counts_E` (pairs per expert, `expert_counts`) is computed here unless the caller has it.
         """
         n_tokens, top_k = expert_index_TK.shape
-        n_experts = self.gate_up_proj.shape[0]
+        in_proj, in_bias, down_bias = self.in_proj, self.in_proj_bias, self.down_proj_bias
+        n_experts = in_proj.shape[0]
         # Sort the T*K (token, slot) pairs by expert so each expert sees one contiguous block.
         flat_expert_R = expert_index_TK.flatten()
         order_R = torch.argsort(flat_expert_R, stable=True)
@@ -188,17 +236,25 @@ class SwiGLUExperts(nn.Module):
         # advanced indexing's index_put_(accumulate=True).
         x_RD = h_TD.index_select(0, token_R)
 
-        if self.dispatch == "grouped" and _grouped_mm_usable(x_RD, self.gate_up_proj, self.down_proj):
+        if self.dispatch == "grouped" and _grouped_mm_usable(x_RD, in_proj, self.down_proj):
             offsets_E = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
-            gate_RF, up_RF = grouped_matmul(x_RD, self.gate_up_proj, offsets_E).chunk(2, dim=-1)
-            y_RD = grouped_matmul(F.silu(gate_RF) * up_RF, self.down_proj, offsets_E)
+            proj_RO = grouped_matmul(x_RD, in_proj, offsets_E)
+            if in_bias is not None:  # ffn_bias: each pair's expert's biases (the pairs are sorted by expert)
+                expert_R = flat_expert_R.index_select(0, order_R)
+                proj_RO = proj_RO + in_bias.index_select(0, expert_R)
+            y_RD = grouped_matmul(ffn_hidden(proj_RO, self.act, self.gated), self.down_proj, offsets_E)
+            if down_bias is not None:
+                y_RD = y_RD + down_bias.index_select(0, expert_R)
         else:
             # Exact fallback: one plain matmul per expert that received tokens. The weights are
             # unbound once, whose backward stacks the experts' gradients; indexing them per expert
             # would build a zero gradient of all E experts for each one (E^2 memory traffic).
-            gate_up_E, down_E = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
-            blocks = [swiglu(x_block, gate_up_E[expert], down_E[expert])
-                      for expert, x_block in enumerate(torch.split(x_RD, counts_E.tolist())) if x_block.shape[0]]
+            in_E, down_E = in_proj.unbind(0), self.down_proj.unbind(0)
+            no_bias = (None,) * n_experts
+            in_bias_E = no_bias if in_bias is None else in_bias.unbind(0)
+            down_bias_E = no_bias if down_bias is None else down_bias.unbind(0)
+            blocks = [mlp(x_block, in_E[e], down_E[e], self.act, self.gated, in_bias_E[e], down_bias_E[e])
+                      for e, x_block in enumerate(torch.split(x_RD, counts_E.tolist())) if x_block.shape[0]]
             y_RD = torch.cat(blocks) if blocks else x_RD.new_zeros(0, x_RD.shape[1])
 
         # Weight each pair by its gate while still in sorted order and add the K slots of every
@@ -208,17 +264,11 @@ class SwiGLUExperts(nn.Module):
         return y_RD.new_zeros(n_tokens, y_RD.shape[1]).index_add_(0, token_R, y_RD * gate_R[:, None])
 
 
-class SwiGLU(nn.Module):
-    """One SwiGLU FFN with 2-D weights: the always-on shared expert (Nexus: the seed's FFN)."""
-
-    def __init__(self, config: BamConfig):
-        super().__init__()
-        d, f = config.hidden_size, config.intermediate_size
-        self.gate_up_proj = nn.Parameter(torch.empty(2 * f, d))
-        self.down_proj = nn.Parameter(torch.empty(d, f))
+class SharedExpert(FFNParameters):
+    """One FFN with 2-D weights, of the experts' kind: the always-on shared expert (Nexus: the seed's FFN)."""
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return swiglu(h, self.gate_up_proj, self.down_proj)
+        return mlp(h, self.in_proj, self.down_proj, self.act, self.gated, self.in_proj_bias, self.down_proj_bias)
 
 
 @dataclass
@@ -230,7 +280,7 @@ class FFNOutput:
 
 
 class MoEFFN(nn.Module):
-    """The FFN of a block: one SwiGLU when dense, else a routed mixture of SwiGLU experts,
+    """The FFN of a block: one FFN when dense, else a routed mixture of FFN experts,
     plus the always-on shared expert when the config has one.
 
     A linear router exists only with more than one expert (one expert takes every token with gate
@@ -244,8 +294,8 @@ class MoEFFN(nn.Module):
             self.router = NexusRouter(config)
         else:
             self.router = LinearRouter(config) if self.n_experts > 1 else None
-        self.experts = SwiGLUExperts(config, self.n_experts)
-        self.shared_expert = SwiGLU(config) if config.ffn_shared_expert else None
+        self.experts = FFNExperts(config, self.n_experts)
+        self.shared_expert = SharedExpert(config) if config.ffn_shared_expert else None
 
     def forward(self, h_BTD: torch.Tensor, aux_losses: bool = True) -> FFNOutput:
         """`aux_losses=False` skips the load-balancing and z losses (left None): inference has no

@@ -18,10 +18,11 @@ from bam.train.distributed import Dist
 def tokenizer_for(cfg: TrainConfig):
     """(tokenizer, its directory): `--tokenizer`, else the model's own; (None, None) if it has none."""
     from bam.data.tokenizer import load_tokenizer  # noqa: PLC0415
+    from bam.formats.model_dir import tokenizer_dir_of  # noqa: PLC0415
 
-    directory = Path(cfg.tokenizer) if cfg.tokenizer else Path(cfg.model)
-    has_files = any((directory / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json",
-                                                        "tokenizer.model", "vocab.json"))
+    directory = Path(cfg.tokenizer) if cfg.tokenizer else tokenizer_dir_of(cfg.model)
+    has_files = directory is not None and any(
+        (directory / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json"))
     if cfg.tokenizer is None and not has_files:
         return None, None
     return load_tokenizer(directory), directory

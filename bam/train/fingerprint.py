@@ -23,10 +23,11 @@ MATH_FIELDS = ("max_steps", "batch_size", "seq_len", "lr", "warmup", "min_lr_rat
 
 
 def model_fingerprint(model_dir: Path) -> str:
-    """sha256 over config.json and every weight file: the identity of the starting model."""
+    """sha256 over config.json and every weight file (or the GGUF file): the identity of the starting model."""
     digest = hashlib.sha256()
-    files = [model_dir / "config.json", model_dir / WEIGHTS_INDEX_NAME,
-             *sorted(model_dir.glob("*.safetensors"))]
+    files = [model_dir] if model_dir.is_file() else [model_dir / "config.json", model_dir / WEIGHTS_INDEX_NAME,
+                                                     *sorted(model_dir.glob("*.safetensors")),
+                                                     *sorted(model_dir.glob("*.gguf"))]
     for path in files:
         if path.is_file():
             digest.update(f"{path.name}:{sha256_file(path)}\n".encode())

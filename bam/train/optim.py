@@ -29,7 +29,7 @@ TRAIN_GROUPS: dict[str, tuple[str, ...]] = {
     "ffn_routers": ("ffn_router", "nexus_projection"),
     "attn_routers": ("attn_router",),
     "experts": ("ffn_experts", "shared_expert"),  # the FFN experts' SwiGLU weights
-    "attention": ("attn_query", "attn_key_value"),
+    "attention": ("attn_query", "attn_key_value", "attn_output"),
     "embeddings": ("embedding", "lm_head"),
     "norms": ("norm",),
 }
