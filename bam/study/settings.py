@@ -196,7 +196,7 @@ DEMO_PRESETS = {
                  add_expert=dict(domain="legal", embed_max_tokens=8192,
                                  finetune=dict(steps=15, batch_size=8, lr=5e-4, warmup=2, save_every=15)),
                  eval_max_tokens=8192, routing_max_tokens=2048),
-    # The default `bam demo`: about 19 minutes on a 2-core CPU (3 of them the add-expert experiment).
+    # The default `bam demo`: about 45 minutes on a 2-core CPU (measured 2026-12-02; README).
     # Its corpus is the README's reference (bam.data.corpus.REFERENCE_FINGERPRINT).
     "small": dict(preset="small", vocab_size=4096, max_chars_per_domain=REFERENCE_MAX_CHARS, seq_len=256,
                   pretrain=dict(steps=400, batch_size=16, lr=2e-3, warmup=40, save_every=100),
