@@ -132,6 +132,8 @@ def _table(s: dict) -> str:
         ("attention", attention),
         ("ffn", ffn),
         ("params", f"{_count(s['params_total'])} total, {_count(s['params_active'])} active per token"),
+        *([("adapter", f"{c['adapter']} on {', '.join(c['adapter_targets'])}: {_count(s['params_adapter'])} of the "
+                                f"parameters")] if c["adapter"] else []),
         ("flops/token", f"{_count(s['flops_per_token'])} inference, {_count(s['training_flops_per_token'])} "
                         f"training (n_ctx {s['n_ctx']})"),
         ("kv cache", f"{s['kv_cache_bytes_per_token']:,} bytes/token ({s['dtype_bytes']} bytes/element)"),

@@ -150,6 +150,14 @@ def _register_train(subparsers) -> None:
                    help="router z-loss coefficient; unset keeps the model config's")
     p.add_argument("--train-only", default="all", metavar="GROUPS",
                    help=f"comma-separated groups ({', '.join(TRAIN_GROUPS)}) or name patterns")
+    adapter = p.add_argument_group("adapter: train only a LoRA or (IA)³ adapter on the frozen MODEL; "
+                                   "OUT/model is then a PEFT adapter directory (adapter_config.json, adapter_model.safetensors)")
+    adapter.add_argument("--adapter", choices=("lora", "ia3"), default=None, help="the adapter to train")
+    adapter.add_argument("--rank", type=int, default=8, help="LoRA rank r")
+    adapter.add_argument("--alpha", type=float, default=8.0, help="LoRA alpha (the update is scaled by alpha / r)")
+    adapter.add_argument("--targets", metavar="P1,P2", default=None,
+                         help="projections to adapt, among q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj "
+                              "(unset: all of them for LoRA; k_proj,v_proj,down_proj for (IA)³)")
     p.add_argument("--dist", choices=("ddp", "fsdp"), default="ddp", help="data parallelism under torchrun")
     p.add_argument("--max-bad-steps", type=int, default=5,
                    help="stop after more than this many consecutive non-finite steps")
@@ -168,7 +176,9 @@ def cmd_train(args) -> int:
         warmup=args.warmup, min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay, clip=args.clip,
         save_every=args.save_every, eval_every=args.eval_every, eval_tokens=args.eval_tokens, seed=args.seed,
         resume=args.resume, keep=args.keep, aux_loss_coef=args.aux_loss_coef, z_loss_coef=args.z_loss_coef,
-        train_only=args.train_only, dist=args.dist, max_bad_steps=args.max_bad_steps,
+        train_only=args.train_only, adapter=args.adapter, adapter_rank=args.rank, adapter_alpha=args.alpha,
+        adapter_targets=[t.strip() for t in args.targets.split(",")] if args.targets else None,
+        dist=args.dist, max_bad_steps=args.max_bad_steps,
         progress=not args.no_progress,
     )
     final = train(cfg)

@@ -16,6 +16,7 @@ import torch
 
 from bam.errors import BamError
 from bam.formats.gguf import gguf_file_of, gguf_tokenizer_dir, open_gguf_model
+from bam.formats.peft import base_dir_of, is_adapter_dir, open_adapter
 from bam.formats.source import TOKENIZER_FILES, ModelSource
 from bam.io.atomic import atomic_output_dir
 from bam.io.jsonfile import read_json
@@ -49,6 +50,8 @@ def open_model(path: str | Path) -> ModelSource:
     gguf_file = gguf_file_of(path)
     if gguf_file is not None:
         return open_gguf_model(gguf_file)
+    if is_adapter_dir(path) and not (path / "config.json").exists():  # PEFT's: its base plus the adapter
+        return open_adapter(path, open_model(base_dir_of(path)))
     config_dict = read_config_dict(path)
     model_type = config_dict.get("model_type")
     tokenizer_dir = path if any((path / f).exists() for f in TOKENIZER_FILES) else None
@@ -65,18 +68,33 @@ def tokenizer_dir_of(path: str | Path) -> Path | None:
     """Where the tokenizer of the model at `path` is to be looked for: the model directory itself,
     or for a GGUF file the tokenizer converted from it (None if the file holds none)."""
     gguf_file = gguf_file_of(Path(path))
+    if gguf_file is None and is_adapter_dir(path) and not (Path(path) / "config.json").exists():
+        return tokenizer_dir_of(base_dir_of(path))  # a PEFT adapter: its base's tokenizer
     return Path(path) if gguf_file is None else gguf_tokenizer_dir(gguf_file)
 
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
-    """Build a BamForCausalLM from any checkpoint `open_model` accepts, checking every tensor's shape."""
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, adapter: dict | None = None):
+    """Build a BamForCausalLM from any checkpoint `open_model` accepts, checking every tensor's shape.
+    `adapter`: config fields of a new adapter to put on it (adapter, adapter_targets, lora_rank,
+    lora_alpha; bam/modeling/adapters.py), initialised as PEFT does, so the model computes as before."""
+    from bam.modeling.adapters import Adapter  # noqa: PLC0415
     from bam.modeling.model import BamForCausalLM  # noqa: PLC0415
 
     source = open_model(path)
+    config = source.config
+    if adapter is not None:
+        if config.adapter is not None:
+            raise BamError(f"{source.path}: already has an adapter ({config.adapter}); a new one goes on its base")
+        config = config_from_dict({**config.to_dict(), **adapter}, f"{source.path} with a new adapter")
     with torch.device("meta"):
-        model = BamForCausalLM(source.config)
-    expected = dict(model.named_parameters())
+        model = BamForCausalLM(config)
+    new_adapters = [module for module in model.modules() if isinstance(module, Adapter)] if adapter else []
+    for module in new_adapters:  # the new adapter's tensors: made here, not read
+        for name, param in list(module.named_parameters()):
+            module.register_parameter(name, torch.nn.Parameter(torch.empty(param.shape, dtype=dtype)))
+        module.reset_parameters()
+    expected = {name: param for name, param in model.named_parameters() if param.device.type == "meta"}
     missing = [name for name in expected if name not in source.tensor_names]
     if missing:
         raise BamError(f"{source.path}: tensor {missing[0]} missing ({len(missing)} missing in all)")

@@ -155,6 +155,9 @@ def check_sources(sources: Sequence[ModelSource]) -> None:
             raise BamError(f"{source.path}: already a mixture (n_ffn_experts={config.n_ffn_experts}, "
                            f"n_attn_experts={config.n_attn_experts}, ffn_router={config.ffn_router!r}, "
                            f"ffn_shared_expert={config.ffn_shared_expert}); mix takes dense models")
+        if config.adapter is not None:  # its tensors have no mixing rule yet (bam/mix/rules.py)
+            raise BamError(f"{source.path}: has an adapter (config field adapter={config.adapter!r}); "
+                           f"mix takes dense models without one")
     for source in sources[1:]:
         for field in COMPATIBILITY_FIELDS:
             a, b = getattr(first.config, field), getattr(source.config, field)

@@ -23,6 +23,7 @@ from torch import nn
 from transformers.cache_utils import Cache
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 
+from bam.modeling.adapters import Adapter
 from bam.modeling.config import BamConfig
 from bam.modeling.layout import qk_norm_widths
 from bam.modeling.moe import fp32_linear
@@ -246,6 +247,13 @@ class MixtureOfAttention(nn.Module):
         self.scale = config.attention_scale  # None: SDPA's 1/sqrt(head_dim)
         self.softcap = config.attn_logit_softcapping  # None: no capping, SDPA
         self.router = nn.Linear(d, self.n_experts, bias=False) if self.n_experts > 1 else None
+        # LoRA or (IA)³ on q/k/v/o (bam/modeling/adapters.py); None: the projections as they are
+        self.adapter = Adapter(config, "attn") if config.adapter is not None else None
+
+    def project(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """Projection `name` (q_proj, k_proj, v_proj, o_proj) of x, with the adapter's update if any."""
+        y = getattr(self, name)(x)
+        return y if self.adapter is None else self.adapter.output(name, x, y)
 
     def gates(self, h_BTD: torch.Tensor) -> torch.Tensor:
         probs_BTE = fp32_linear(h_BTD, self.router.weight).softmax(dim=-1)
@@ -259,8 +267,8 @@ class MixtureOfAttention(nn.Module):
         E, group = self.n_experts, self.n_heads // self.n_kv_heads
         # (B, T, E, H_kv, group, A) -> heads in the order SDPA's GQA grouping needs.
         head_order = (0, 3, 2, 4, 1, 5) if self.kv_shared else (0, 2, 3, 4, 1, 5)
-        q_BTEHA = self.q_proj(h_BTD).view(B, T, E, self.n_heads, self.head_dim)
-        k_BTEHA = self.k_proj(h_BTD).view(B, T, -1, self.n_kv_heads, self.head_dim)
+        q_BTEHA = self.project("q_proj", h_BTD).view(B, T, E, self.n_heads, self.head_dim)
+        k_BTEHA = self.project("k_proj", h_BTD).view(B, T, -1, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None and self.qk_norm_per_head:  # qk_norm: each head's query and key, before RoPE
             q_BTEHA, k_BTEHA = self.q_norm(q_BTEHA), self.k_norm(k_BTEHA)
         elif self.q_norm is not None:  # all of an expert's heads together
@@ -269,7 +277,7 @@ class MixtureOfAttention(nn.Module):
         q = q_BTEHA.view(B, T, E, self.n_kv_heads, group, self.head_dim)
         q_BHTA = q.permute(head_order).reshape(B, E * self.n_heads, T, self.head_dim)
         k_BHSA = k_BTEHA.view(B, T, -1, self.head_dim).transpose(1, 2)
-        v_BHSA = self.v_proj(h_BTD).view(B, T, -1, self.head_dim).transpose(1, 2)
+        v_BHSA = self.project("v_proj", h_BTD).view(B, T, -1, self.head_dim).transpose(1, 2)
         if self.rope:
             q_BHTA, k_BHSA = apply_rope(q_BHTA, *cos_sin), apply_rope(k_BHSA, *cos_sin)
         if cache is not None:
@@ -291,4 +299,4 @@ class MixtureOfAttention(nn.Module):
         if self.router is not None:
             gates_BTE = self.gates(h_BTD)
             o_BTEHA = o_BTEHA * gates_BTE.to(o_BTEHA.dtype)[..., None, None]
-        return self.o_proj(o_BTEHA.reshape(B, T, -1)), gates_BTE
+        return self.project("o_proj", o_BTEHA.reshape(B, T, -1)), gates_BTE

@@ -35,6 +35,13 @@ QK_NORM_SCOPES = ("head", "all")
 # What attention each layer has (`layer_types`, transformers' names): every earlier key, or the
 # `sliding_window` latest ones.
 LAYER_TYPES = ("full_attention", "sliding_attention")
+# Adapters on a frozen dense model (PEFT's LoRA and (IA)³, bam/modeling/adapters.py), and the
+# projections each may target, by the names PEFT and Llama give them. bam's FFN fuses gate and up
+# into one gate_up_proj, so a LoRA targets them together (two A/B pairs, one per half). An (IA)³
+# vector rescales the output of q/k/v, or the input of down_proj (PEFT's feedforward module).
+ADAPTERS = ("lora", "ia3")
+ADAPTER_TARGETS = {"lora": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+                   "ia3": ("q_proj", "k_proj", "v_proj", "down_proj")}
 
 
 # The fields that fix a dense model's function: every tensor's shape, and each option that changes
@@ -48,6 +55,7 @@ COMPATIBILITY_FIELDS = (
     "hidden_act", "norm_weight_offset", "attn_logit_softcapping", "final_logit_softcapping",
     "sliding_window", "layer_types",
     "parallel_ffn_norm", "norm_bias", "ffn_gated", "ffn_bias", "attn_output_bias", "cache_reset_length",
+    "adapter", "adapter_targets", "lora_rank", "lora_alpha",
 )
 
 
@@ -181,6 +189,15 @@ class BamConfig(PreTrainedConfig):
     # import (bam/formats/families.py translate_config) and carried through train, mix and add-expert, so `bam export
     # --format source` writes it back to that family. None for a model bam initialised.
     source_model_type: str | None = None
+
+    # An adapter trained on the frozen model (one of ADAPTERS; None: none, the model as it is):
+    # LoRA adds (lora_alpha / lora_rank) B A x to each targeted projection, (IA)³ rescales its
+    # output (its input for down_proj) elementwise. `adapter_targets`: a subset of
+    # ADAPTER_TARGETS[adapter], in that order. Dense models only.
+    adapter: str | None = None
+    adapter_targets: list[str] | None = None
+    lora_rank: int | None = None
+    lora_alpha: float | None = None
 
     # Auxiliary losses on the FFN router, summed over layers and added to the LM loss.
     router_aux_loss_coef: float = 0.01
@@ -351,8 +368,38 @@ class BamConfig(PreTrainedConfig):
              "ffn_expert_domains", f"null or {self.n_ffn_experts} distinct names, one per FFN expert")
         check(self.nexus_embedding_source is None or isinstance(self.nexus_embedding_source, dict),
              "nexus_embedding_source", "null or an object")
+        self._validate_adapter()
         check(self.source_model_type is None or (isinstance(self.source_model_type, str) and self.source_model_type),
               "source_model_type", "null or a Hugging Face model_type")
+
+    def _validate_adapter(self) -> None:
+        def check(ok: bool, field: str, expected: str) -> None:
+            need(ok, f"config field {field}", getattr(self, field), expected)
+
+        check(self.adapter is None or self.adapter in ADAPTERS, "adapter", f"null or one of {ADAPTERS}")
+        if self.adapter is None:
+            for field in ("adapter_targets", "lora_rank", "lora_alpha"):
+                check(getattr(self, field) is None, field, "null unless adapter is set")
+            return
+        check(self.is_dense, "adapter", "null on a mixture (adapters go on a dense model)")
+        allowed = ADAPTER_TARGETS[self.adapter]
+        targets = self.adapter_targets
+        check(isinstance(targets, list) and targets and all(t in allowed for t in targets)
+              and targets == sorted(set(targets), key=allowed.index), "adapter_targets",
+              f"distinct names among {allowed}, in that order")
+        if self.adapter == "lora":
+            check(("gate_proj" in targets) == ("up_proj" in targets) or not self.ffn_gated, "adapter_targets",
+                  "gate_proj and up_proj together (bam fuses them into one gate_up_proj)")
+            check(self.ffn_gated or "gate_proj" not in targets, "adapter_targets",
+                  "no gate_proj on a non-gated FFN (ffn_gated=False)")
+            rank = self.lora_rank
+            check(isinstance(rank, int) and not isinstance(rank, bool) and rank > 0, "lora_rank", "a positive integer")
+            alpha = self.lora_alpha
+            check(isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and alpha > 0, "lora_alpha",
+                  "a positive number")
+        else:
+            for field in ("lora_rank", "lora_alpha"):
+                check(getattr(self, field) is None, field, "null unless adapter='lora'")
 
 
 def config_from_dict(config_dict: dict, where: Path | str) -> BamConfig:

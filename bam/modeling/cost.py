@@ -60,13 +60,14 @@ def _kv_width(config: BamConfig) -> int:
 # Which part of a layer's parameter count each role of the layout (bam/modeling/layout.py) is.
 _COST_PART = {"norm": "norms", "attn_query": "attention", "attn_key_value": "attention", "attn_output": "attention",
               "attn_router": "attn_router", "ffn_router": "ffn_router", "nexus_projection": "ffn_router",
-              "domain_embeddings": "ffn_router", "ffn_experts": "ffn", "shared_expert": "shared_expert"}
+              "domain_embeddings": "ffn_router", "ffn_experts": "ffn", "shared_expert": "shared_expert",
+              "adapter": "adapter"}
 
 
 def layer_params(config: BamConfig, active: bool = False) -> dict[str, int]:
     """Parameters of one layer by part, counted from the layout table; `active` counts only the
     top-k of the routed FFN experts."""
-    parts = dict.fromkeys(("norms", "attention", "attn_router", "ffn_router", "ffn", "shared_expert"), 0)
+    parts = dict.fromkeys(("norms", "attention", "attn_router", "ffn_router", "ffn", "shared_expert", "adapter"), 0)
     for param in layer_parameters(config, 0):
         n = param.numel()
         if active and param.role == "ffn_experts":
@@ -162,6 +163,7 @@ def summarize(config: BamConfig, n_ctx: int = 256, dtype_bytes: int = 2) -> dict
     return {
         "params_total": params_total(config),
         "params_active": params_active(config),
+        "params_adapter": config.num_hidden_layers * layer_params(config)["adapter"],  # within the total
         "flops_per_token": flops_per_token(config, n_ctx),
         "training_flops_per_token": flops_per_token(config, n_ctx, training=True),
         "n_ctx": n_ctx,
@@ -190,6 +192,8 @@ def summarize(config: BamConfig, n_ctx: int = 256, dtype_bytes: int = 2) -> dict
             "ffn_router": config.ffn_router,
             "ffn_shared_expert": config.ffn_shared_expert,
             "ffn_expert_domains": config.ffn_expert_domains,
+            "adapter": config.adapter,
+            "adapter_targets": config.adapter_targets,
             "nexus_projection_flops_per_layer": nexus_projection_flops(config),
         },
     }

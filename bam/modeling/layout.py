@@ -27,6 +27,8 @@ projection) is the one bam/modeling/config.py describes.
     ffn_experts        ffn.experts.gate_up_proj, down_proj        0               yes     yes
                        (up_proj if not ffn_gated; biases: ffn_bias)
     shared_expert      ffn.shared_expert.gate_up_proj, down_proj  -               yes     yes
+    adapter            attn.adapter.*, ffn.adapter.* (adapter)    -               yes     yes
+                       (LoRA's A and B matrices decay; (IA)³'s 1-D vectors do not)
 
 The q/k norms (`qk_norm`) belong to the attention expert whose heads they normalize, so BAM stacks
 them with its queries (and keys, with KV experts) and BTX averages them. Each holds one weight per
@@ -50,6 +52,13 @@ map is affine, so averaging the weights averages the factors and every method ke
 Biases decay in no role (the nanoGPT/LLaMA convention, as for norms). Routers do not decay either:
 decay pulls them to zero, towards uniform routing, which fights the experts' specialisation. A
 Nexus expert's domain embedding is a fixed description of its data (METHOD.md 3.3): never trained.
+
+An adapter (config.adapter, bam/modeling/adapters.py) adds, after each sublayer's own tensors and
+per targeted projection: for LoRA `{proj}_lora_A` [r, I] and `{proj}_lora_B` [O, r] (PEFT's lora_A
+and lora_B weights), the FFN's fused input as two pairs, `gate_up_proj_lora_A` [2, r, D] and
+`gate_up_proj_lora_B` [2, F, r] (gate first); for (IA)³ `{proj}_ia3`, the output's width for q/k/v
+and down_proj's input width F. Decay would pull an (IA)³ vector to 0, not to its identity 1: they
+are 1-D, so they do not decay.
 """
 
 from __future__ import annotations
@@ -79,6 +88,7 @@ ROLES = {
     "domain_embeddings": Role(decays=False, trained=False),
     "ffn_experts": Role(decays=True),
     "shared_expert": Role(decays=True),
+    "adapter": Role(decays=True),  # LoRA's matrices; (IA)³'s vectors are 1-D, which never decay
 }
 # The routers' trained parts: new at every mix, the usual post-mix warm-up (a Nexus router's domain
 # embeddings are fixed, so they are not among them).
@@ -162,6 +172,7 @@ def layer_parameters(config: BamConfig, i: int) -> list[Param]:
                    param("attn.k_norm.weight", (config.n_kv_experts * k_norm,), "attn_key_value", 0)]
     if config.n_attn_experts > 1:
         params.append(param("attn.router.weight", (config.n_attn_experts, d), "attn_router"))
+    params += [param(f"attn.adapter.{local}", shape, "adapter") for local, shape in adapter_shapes(config, "attn")]
     if config.ffn_router == "nexus":
         m, h = config.nexus_embed_dim, config.nexus_hidden_dim
         params += [param("ffn.router.domain_embeddings", (n_ffn, m), "domain_embeddings", 0),
@@ -172,7 +183,46 @@ def layer_parameters(config: BamConfig, i: int) -> list[Param]:
     params += [param(f"ffn.experts.{local}", (n_ffn, *shape), "ffn_experts", 0) for local, shape in ffn_shapes(config)]
     if config.ffn_shared_expert:
         params += [param(f"ffn.shared_expert.{local}", shape, "shared_expert") for local, shape in ffn_shapes(config)]
+    params += [param(f"ffn.adapter.{local}", shape, "adapter") for local, shape in adapter_shapes(config, "ffn")]
     return params
+
+
+def adapted_projections(config: BamConfig, sublayer: str) -> list[tuple[str, int, int, int]]:
+    """The projections of one layer's `sublayer` ('attn' or 'ffn') that config.adapter targets, as
+    (our name, input width, output width of one piece, pieces), in module order: a LoRA on gate_proj
+    and up_proj is the two pieces of our fused gate_up_proj (gate first)."""
+    if config.adapter is None:
+        return []
+    d, f, a = config.hidden_size, config.intermediate_size, config.head_dim
+    q, kv = config.num_attention_heads * a, config.num_key_value_heads * a
+    targets = set(config.adapter_targets)
+    if sublayer == "attn":
+        widths = {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d)}
+        return [(name, i, o, 1) for name, (i, o) in widths.items() if name in targets]
+    found = []
+    if {"gate_proj", "up_proj"} <= targets:
+        found.append(("gate_up_proj", d, f, 2))
+    elif "up_proj" in targets:  # a non-gated FFN's input projection (ffn_gated=False)
+        found.append(("up_proj", d, f, 1))
+    if "down_proj" in targets:
+        found.append(("down_proj", f, d, 1))
+    return found
+
+
+def adapter_shapes(config: BamConfig, sublayer: str) -> list[tuple[str, tuple[int, ...]]]:
+    """The adapter tensors of one layer's `sublayer` and their shapes, in module order
+    (bam/modeling/adapters.py Adapter): per targeted projection, LoRA's A [r, I] and B [O, r] (with a
+    leading 2 for the fused gate_up_proj's two pairs), or (IA)³'s vector: the output's width, or
+    the input's for down_proj (PEFT's feedforward module, whose input it rescales)."""
+    shapes = []
+    for name, i, o, pieces in adapted_projections(config, sublayer):
+        lead = (pieces,) if pieces > 1 else ()
+        if config.adapter == "lora":
+            r = config.lora_rank
+            shapes += [(f"{name}_lora_A", (*lead, r, i)), (f"{name}_lora_B", (*lead, o, r))]
+        else:
+            shapes.append((f"{name}_ia3", (i if name == "down_proj" else o,)))
+    return shapes
 
 
 def ffn_shapes(config: BamConfig) -> list[tuple[str, tuple[int, ...]]]:

@@ -29,6 +29,7 @@ from transformers import initialization as init
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from bam.modeling.adapters import Adapter
 from bam.modeling.attention import AttentionMasks, MixtureOfAttention, Rope
 from bam.modeling.config import BamConfig
 from bam.modeling.loss import linear_cross_entropy
@@ -151,6 +152,8 @@ class BamPreTrainedModel(PreTrainedModel):
             init.normal_(module.down_proj, mean=0.0, std=self.config.router_init_std)
         if isinstance(module, MixtureOfAttention) and module.router is not None:
             init.normal_(module.router.weight, mean=0.0, std=self.config.router_init_std)
+        if isinstance(module, Adapter):  # PEFT's: B zero, (IA)³ one, so the model starts as it was
+            module.reset_parameters()
 
 
 class BamModel(BamPreTrainedModel):

@@ -22,6 +22,7 @@ from torch import nn
 
 from transformers.activations import ACT2FN
 
+from bam.modeling.adapters import Adapter
 from bam.modeling.config import BamConfig
 
 
@@ -208,14 +209,20 @@ class FFNExperts(FFNParameters):
         super().__init__(config, n_experts)
         self.dispatch = config.expert_dispatch
 
-    def dense(self, h_TD: torch.Tensor) -> torch.Tensor:
-        """Run every token through the only expert: the dense model's FFN."""
+    def dense(self, h_TD: torch.Tensor, adapter: Adapter | None = None) -> torch.Tensor:
+        """Run every token through the only expert: the dense model's FFN, with `adapter`'s updates
+        (LoRA on gate_up_proj and down_proj, (IA)³ on down_proj's input) when there is one."""
         # squeeze(0) is a view, whose backward is free; indexing [0] would build a zero gradient
         # of the whole [1, 2F, D] tensor and copy into it, one more pass over the weights.
         in_bias, down_bias = self.in_proj_bias, self.down_proj_bias
         if in_bias is not None:
             in_bias, down_bias = in_bias.squeeze(0), down_bias.squeeze(0)
-        return mlp(h_TD, self.in_proj.squeeze(0), self.down_proj.squeeze(0), self.act, self.gated, in_bias, down_bias)
+        in_proj, down = self.in_proj.squeeze(0), self.down_proj.squeeze(0)
+        if adapter is None:
+            return mlp(h_TD, in_proj, down, self.act, self.gated, in_bias, down_bias)
+        proj = adapter.output(self.in_name, h_TD, F.linear(h_TD, in_proj, in_bias))
+        hidden = adapter.input("down_proj", ffn_hidden(proj, self.act, self.gated))
+        return adapter.output("down_proj", hidden, F.linear(hidden, down, down_bias))
 
     def forward(self, h_TD: torch.Tensor, expert_index_TK: torch.Tensor, gate_TK: torch.Tensor,
                 counts_E: torch.Tensor | None = None) -> torch.Tensor:
@@ -296,13 +303,15 @@ class MoEFFN(nn.Module):
             self.router = LinearRouter(config) if self.n_experts > 1 else None
         self.experts = FFNExperts(config, self.n_experts)
         self.shared_expert = SharedExpert(config) if config.ffn_shared_expert else None
+        # LoRA or (IA)³ on the dense FFN (bam/modeling/adapters.py); None: the FFN as it is
+        self.adapter = Adapter(config, "ffn") if config.adapter is not None else None
 
     def forward(self, h_BTD: torch.Tensor, aux_losses: bool = True) -> FFNOutput:
         """`aux_losses=False` skips the load-balancing and z losses (left None): inference has no
         use for them, and in decoding, where a step is a few tokens, their ~20 small ops per layer
         are a measurable share of the step."""
         if self.router is None:
-            out = FFNOutput(self.experts.dense(h_BTD))
+            out = FFNOutput(self.experts.dense(h_BTD, self.adapter))
         else:
             h_TD = h_BTD.reshape(-1, h_BTD.shape[-1])
             routing = self.router(h_TD)

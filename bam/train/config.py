@@ -11,9 +11,13 @@ from pathlib import Path
 from bam.data.shards import TokenizedDomain
 from bam.data.sources import Domain, DomainSpec
 from bam.errors import BamError, need
+from bam.modeling.config import ADAPTER_TARGETS, ADAPTERS
 from bam.train.optim import parse_train_only
 
 DIST_MODES = ("ddp", "fsdp")
+# LoRA on every linear projection of attention and FFN; (IA)³ as PEFT's default for Llama and as
+# MoV (METHOD.md 7): keys, values and the FFN's hidden activation.
+DEFAULT_ADAPTER_TARGETS = {"lora": ADAPTER_TARGETS["lora"], "ia3": ("k_proj", "v_proj", "down_proj")}
 
 
 @dataclass
@@ -51,6 +55,13 @@ class TrainConfig:
     aux_loss_coef: float | None = None  # None keeps the model config's router_aux_loss_coef
     z_loss_coef: float | None = None  # None keeps the model config's router_z_loss_coef
     train_only: str = "all"
+    # An adapter trained alone on the frozen model (bam/modeling/adapters.py): "lora" or "ia3"; the run's
+    # model is then a PEFT adapter directory (bam/formats/peft.py). Targets default to every linear
+    # projection for LoRA, and to PEFT's Llama default (k_proj, v_proj, down_proj) for (IA)³.
+    adapter: str | None = None
+    adapter_rank: int = 8  # PEFT's default r and lora_alpha
+    adapter_alpha: float = 8.0
+    adapter_targets: Sequence[str] | None = None
     dist: str = "ddp"
     max_bad_steps: int = 5
     progress: bool = True
@@ -85,3 +96,19 @@ class TrainConfig:
         if not self.data:
             raise BamError("data: expected at least one domain (NAME=PATH[:WEIGHT])")
         parse_train_only(self.train_only)  # unknown group names fail here
+        if self.adapter is not None:
+            check(self.adapter in ADAPTERS, "adapter", f"one of {', '.join(ADAPTERS)}")
+            check(self.train_only in ("all", "adapter"), "train_only",
+                  "'adapter' (or unset) with an adapter: it trains alone on the frozen model")
+
+    def adapter_fields(self) -> dict | None:
+        """The model config fields of the adapter this run adds (bam/modeling/config.py), or None."""
+        if self.adapter is None:
+            return None
+        allowed = ADAPTER_TARGETS[self.adapter]  # in the config's order; an unknown name is refused there
+        targets = sorted(self.adapter_targets or DEFAULT_ADAPTER_TARGETS[self.adapter],
+                         key=lambda t: allowed.index(t) if t in allowed else len(allowed))
+        fields = {"adapter": self.adapter, "adapter_targets": targets}
+        if self.adapter == "lora":
+            fields.update(lora_rank=self.adapter_rank, lora_alpha=self.adapter_alpha)
+        return fields

@@ -35,10 +35,13 @@ def model_fingerprint(model_dir: Path) -> str:
 
 
 def run_fingerprint(cfg: TrainConfig, domains: list[TokenizedDomain], weights: list[float]) -> dict:
+    train = {name: getattr(cfg, name) for name in MATH_FIELDS}
+    if cfg.adapter is not None:  # (only then: the fingerprints of runs without one stay as they were)
+        train["adapter"] = cfg.adapter_fields()
     return {
         "model": model_fingerprint(Path(cfg.model)),
         "data": {d.name: {"weight": w, "content": d.meta.get("key")} for d, w in zip(domains, weights)},
-        "train": {name: getattr(cfg, name) for name in MATH_FIELDS},
+        "train": train,
     }
 
 

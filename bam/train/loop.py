@@ -41,7 +41,9 @@ from bam.data.shards import TokenizedDomain, empty_split_reason
 from bam.errors import BamError
 from bam.eval.perplexity import autocast_for, evaluate_domains
 from bam.formats.model_dir import load_model, open_model, save_model
+from bam.formats.peft import adapter_family, save_adapter
 from bam.io.atomic import remove_stale_temporaries
+from bam.modeling.config import config_from_dict
 from bam.train.config import TrainConfig
 from bam.train.data import prepare_domains, tokenizer_for
 from bam.train.distributed import Dist, gathered_model, grad_sync, wrap_model
@@ -186,7 +188,13 @@ def _train(cfg: TrainConfig, env: Dist) -> Path:
     torch.manual_seed(cfg.seed)  # same seed on every rank: no rank-dependent randomness
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
-    config = open_model(cfg.model).config  # a missing or broken model fails before any data work
+    source = open_model(cfg.model)  # a missing or broken model fails before any data work
+    config = source.config
+    if cfg.adapter is not None:  # and so does an adapter the model cannot take
+        if config.adapter is not None:
+            raise BamError(f"{cfg.model}: already has an adapter ({config.adapter}); train a new one on its base")
+        config = config_from_dict({**config.to_dict(), **cfg.adapter_fields()}, f"--adapter {cfg.adapter}")
+        adapter_family(source)
     tokenizer, tokenizer_dir = tokenizer_for(cfg)
     check_settings(cfg, config, env, tokenizer, tokenizer_dir)
     domains, weights = prepare_domains(cfg, tokenizer, env)
@@ -205,12 +213,15 @@ def _train(cfg: TrainConfig, env: Dist) -> Path:
                            "use the original settings or a new --out")
     env.barrier()  # all ranks have decided before rank 0 touches OUT
 
-    model = load_model(resume_from / STATE_MODEL if resume_from else cfg.model)
+    if resume_from is not None:
+        model = load_model(resume_from / STATE_MODEL)
+    else:  # with --adapter, a new one on the seed, as PEFT initialises it
+        model = load_model(cfg.model, adapter=cfg.adapter_fields())
     if cfg.aux_loss_coef is not None:
         model.config.router_aux_loss_coef = cfg.aux_loss_coef
     if cfg.z_loss_coef is not None:
         model.config.router_z_loss_coef = cfg.z_loss_coef
-    set_trainable(model, cfg.train_only)
+    set_trainable(model, "adapter" if cfg.adapter else cfg.train_only)  # an adapter trains alone
     model.to(env.device).train()
     wrapped = wrap_model(model, cfg, env)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
@@ -238,7 +249,9 @@ def _train(cfg: TrainConfig, env: Dist) -> Path:
         log.close()
 
     final = gathered_model(model)
-    if env.is_main:
+    if env.is_main and cfg.adapter is not None:  # a PEFT adapter directory for the base
+        save_adapter(final, out / FINAL_MODEL, source, fingerprint["model"], overwrite=True)
+    elif env.is_main:
         save_model(final, out / FINAL_MODEL, tokenizer_dir, overwrite=True)
     env.barrier()
     return out / FINAL_MODEL

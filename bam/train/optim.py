@@ -32,6 +32,7 @@ TRAIN_GROUPS: dict[str, tuple[str, ...]] = {
     "attention": ("attn_query", "attn_key_value", "attn_output"),
     "embeddings": ("embedding", "lm_head"),
     "norms": ("norm",),
+    "adapter": ("adapter",),  # LoRA or (IA)³ tensors: what `bam train --adapter` trains, alone
 }
 
 

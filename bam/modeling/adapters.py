@@ -1,0 +1,81 @@
+"""Adapters on a frozen dense model, as PEFT computes them: LoRA and (IA)³ (config.adapter).
+
+LoRA (Hu et al., 2021) adds a low-rank update to each targeted projection, y = W x + s B A x with
+s = lora_alpha / lora_rank; B starts at zero, so a new adapter is the model itself. (IA)³ (Liu et
+al., 2022) rescales elementwise: the output of q/k/v (y = l * W x, before any norm or RoPE, as PEFT
+scales the projection's output) or the input of down_proj (y = W (l * x), PEFT's feedforward
+module), vectors starting at one. Both are what PEFT's LoraLayer / IA3Layer compute for a
+`nn.Linear`, so an adapter written by bam/formats/peft.py gives the same function in PEFT.
+
+bam fuses the FFN's gate and up projections into one gate_up_proj [2F, D]; PEFT's LoRA on
+Llama's separate gate_proj and up_proj is two A/B pairs. They are kept as two pairs, stacked:
+A [2, r, D], B [2, F, r]. The update is block-structured, [B_g A_g; B_u A_u] x: one matmul gives
+both halves' A x ([.., 2r]), one batched matmul their B (A x), with no zero blocks stored or
+computed, and each pair maps one to one onto PEFT's.
+
+The tensors are an `Adapter` module of each sublayer (attn.adapter, ffn.adapter), after the
+sublayer's own tensors, named and shaped by the layout table (bam/modeling/layout.py
+adapter_shapes). A model without an adapter has no Adapter module and computes exactly what it did.
+
+Shape suffixes: the letters of bam/modeling/__init__.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+
+from bam.modeling.config import BamConfig
+from bam.modeling.layout import adapter_shapes
+
+
+class Adapter(nn.Module):
+    """The adapter tensors of one sublayer ('attn' or 'ffn'), and the updates they make."""
+
+    def __init__(self, config: BamConfig, sublayer: str):
+        super().__init__()
+        self.kind = config.adapter
+        self.scaling = config.lora_alpha / config.lora_rank if self.kind == "lora" else None
+        for name, shape in adapter_shapes(config, sublayer):
+            self.register_parameter(name, nn.Parameter(torch.empty(shape)))
+
+    def reset_parameters(self) -> None:
+        """PEFT's initialisation: A as nn.Linear's weights (kaiming-uniform, a=sqrt(5): U(+-1/sqrt(I))),
+        B zero, (IA)³ vectors one; so the adapted model starts as the model itself."""
+        for name, param in self.named_parameters():
+            if name.endswith("_lora_A"):  # (the fused pair [2, r, D]: each half's fan-in is D)
+                bound = 1 / math.sqrt(param.shape[-1])
+                init.uniform_(param, -bound, bound)
+            elif name.endswith("_lora_B"):
+                init.zeros_(param)
+            else:
+                init.ones_(param)
+
+    def output(self, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Projection `name`'s output y = W x, adapted: y + s B A x (LoRA), or l * y ((IA)³ of q/k/v)."""
+        if self.kind == "lora":
+            a = getattr(self, f"{name}_lora_A", None)
+            if a is None:
+                return y
+            b = getattr(self, f"{name}_lora_B")
+            if a.dim() == 2:
+                return y + F.linear(F.linear(x, a), b) * self.scaling
+            # the fused gate_up_proj: pair p's A x is columns p*r.. of one matmul, its B (A x) the
+            # rows p*F.. of the output (gate rows first)
+            pieces, r = a.shape[0], a.shape[1]
+            ax = F.linear(x, a.reshape(pieces * r, -1)).unflatten(-1, (pieces, r))
+            delta = torch.einsum("...pr,pfr->...pf", ax, b).flatten(-2)
+            return y + delta * self.scaling
+        if name == "down_proj":  # (IA)³ rescales down_proj's input: see `input`
+            return y
+        scale = getattr(self, f"{name}_ia3", None)
+        return y if scale is None else y * scale
+
+    def input(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """Projection `name`'s input, adapted: (IA)³ rescales down_proj's (PEFT's feedforward module)."""
+        scale = getattr(self, f"{name}_ia3", None) if self.kind == "ia3" else None
+        return x if scale is None else x * scale
