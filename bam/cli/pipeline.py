@@ -14,7 +14,7 @@ def register(subparsers) -> None:
     run.set_defaults(func=cmd_run)
 
     demo = subparsers.add_parser("demo", help="the built-in study on a fixed corpus from bam's own pinned install")
-    demo.add_argument("--preset", default="small", help="small (default; about 45 min on 2 CPU cores, see README) or tiny (CI, about a minute)")
+    demo.add_argument("--preset", default="small", help="small (default; about 45 min on 2 CPU cores, see README) or tiny (CI; about a minute)")
     demo.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     demo.add_argument("--seeds", default=None,
                       help="comma-separated seeds, e.g. 0,1,2: the study is repeated per seed "
