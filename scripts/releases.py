@@ -95,6 +95,22 @@ class Venv:
                 pins[canonicalize_name(name)] = version.split("+")[0]
         return pins
 
+    def unreachable(self, names: set[str]) -> dict[str, tuple[str, str]]:
+        """Each of `names` whose latest release on the index is not the installed one: that release,
+        and pip's reason it cannot be installed with the rest (e.g. a dependency not yet published)."""
+        installed, found = self.freeze(), {}
+        for name in sorted(names):
+            listing = subprocess.run([self.python, "-m", "pip", "index", "versions", name], capture_output=True,
+                                     text=True, env=self.env).stdout
+            latest = listing.partition("(")[2].partition(")")[0]
+            if not latest or latest == installed.get(name):
+                continue
+            trial = subprocess.run([self.python, "-m", "pip", "install", "--dry-run", f"{name}=={latest}"],
+                                   capture_output=True, text=True, env=self.env, cwd=ROOT)
+            errors = [line for line in trial.stderr.splitlines() if line.startswith("ERROR")]
+            found[name] = latest, (errors[-1] if errors else "pip would install it: rerun")
+        return found
+
     def pytest(self, *args: str) -> int:
         log(f"pytest {' '.join(args) or '(whole suite)'}")
         return subprocess.run([self.python, "-m", "pytest", "-q", *args], env=self.env, cwd=ROOT).returncode
@@ -142,6 +158,8 @@ def newest(work: Path, tests: list[str]) -> int:
     drift = {name: (locked.get(name), version) for name, version in now.items() if locked.get(name) != version}
     for name, (old, new) in sorted(drift.items()):
         log(f"  {name}: {old or '(not in the lock)'} -> {new}")
+    for name, (latest, reason) in sorted(env.unreachable(_direct_dependencies() - {"torch"}).items()):
+        log(f"  {name} {latest} is released but not installed, so not tested: {reason}")
     cache = work / "pytest-cache"
     if env.pytest("-o", f"cache_dir={cache}", *tests) == 0:
         log(f"newest releases: the tests pass ({len(drift)} packages newer than the lock)")

@@ -65,7 +65,7 @@ def _transformers_errors(path: Path, what: str):
 
 
 class GgufTensors:
-    """A GGUF file's tensors under transformers' names (`names()`, `get(name)`, as
+    """A GGUF file's tensors under transformers' names (`names()`, `get(name)`, `get_rows`, as
     bam/formats/hf.py reads a safetensors directory), all dequantized to fp32 on the first `get`."""
 
     def __init__(self, path: Path, hf_config):
@@ -97,6 +97,11 @@ class GgufTensors:
         if name not in self._tensors:
             raise BamError(f"{self.path}: tensor {name} missing from the GGUF file")
         return self._tensors[name]
+
+    def get_rows(self, name: str, ranges: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """Row blocks [start, stop) of tensor `name`, as SafetensorsFiles.get_rows gives them."""
+        tensor = self.get(name)
+        return [tensor[start:stop] for start, stop in ranges]
 
 
 # One GgufTensors per file while any source opened on it lives; one config and one converted

@@ -26,23 +26,26 @@ from bam.modeling.config import BamConfig, config_from_dict
 from bam.modeling.layout import Param, parameter_table, parameters
 
 
-def interleaved_to_half_rope(weight: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """Reorder each head's rows so interleaved-pair RoPE (Cohere) becomes rotate-half RoPE (ours).
+def _head_rows(weight: torch.Tensor, head_dim: int, order: torch.Tensor) -> torch.Tensor:
+    """`weight` with each head's rows taken in `order`."""
+    return weight.view(-1, head_dim, *weight.shape[1:])[:, order].reshape(weight.shape)
 
-    Interleaved RoPE rotates dims (2i, 2i+1) by angle i; rotate-half rotates (i, i + Dh/2). Moving
+
+def _half_rope_order(head_dim: int) -> torch.Tensor:
+    """Interleaved RoPE rotates dims (2i, 2i+1) by angle i; rotate-half rotates (i, i + Dh/2). Moving
     even dims to the first half and odd dims to the second, in both q and k, leaves every q.k
-    product unchanged, so attention is exactly the same function.
-    """
-    perm = torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])
-    rows = weight.view(-1, head_dim, *weight.shape[1:])
-    return rows[:, perm].reshape(weight.shape)
+    product unchanged, so attention is exactly the same function."""
+    return torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])
+
+
+def interleaved_to_half_rope(weight: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Each head's rows reordered so interleaved-pair RoPE (Cohere) becomes rotate-half RoPE (ours)."""
+    return _head_rows(weight, head_dim, _half_rope_order(head_dim))
 
 
 def half_to_interleaved_rope(weight: torch.Tensor, head_dim: int) -> torch.Tensor:
     """The inverse of interleaved_to_half_rope, for export: each head's rows back in Cohere's order."""
-    perm = torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])
-    rows = weight.view(-1, head_dim, *weight.shape[1:])
-    return rows[:, torch.argsort(perm)].reshape(weight.shape)
+    return _head_rows(weight, head_dim, torch.argsort(_half_rope_order(head_dim)))
 
 
 # Families with interleaved RoPE, which rotates the rows of these tensors (see interleaved_to_half_rope).
@@ -83,14 +86,9 @@ def hf_tensor_parts(param: Param, family: str, config: BamConfig) -> list[tuple[
 
 
 def _read_rows(files, name: str, rows: list[tuple[int, int]] | None) -> list[torch.Tensor]:
-    """Tensor `name`, or those row ranges of it: read alone where the files can (safetensors),
-    else sliced from the whole tensor (a GGUF file's tensors come whole)."""
-    if rows is None:
-        return [files.get(name)]
-    if isinstance(files, SafetensorsFiles):
-        return files.get_rows(name, rows)
-    tensor = files.get(name)
-    return [tensor[start:stop] for start, stop in rows]
+    """Tensor `name`, or those row ranges of it (`get_rows`: a safetensors file reads only those
+    rows' bytes, a GGUF file's tensors are sliced in memory)."""
+    return [files.get(name)] if rows is None else files.get_rows(name, rows)
 
 
 def check_family(family, where: str) -> None:
@@ -112,9 +110,9 @@ def open_hf_model(path: Path, config_dict: dict, tokenizer_dir: Path | None) -> 
 def hf_model_source(path: Path, hf_config: PreTrainedConfig, open_files: Callable, tokenizer_dir: Path | None,
                     config_file: Path) -> ModelSource:
     """A checkpoint of a family transformers knows, as our model: `open_files()` gives its tensors
-    under transformers' names (`names()`, `get(name)`: a safetensors directory, or a GGUF file's
-    tensors, bam/formats/gguf.py), opened only once the config is known to be one we can compute;
-    `config_file` is where its config came from, for messages."""
+    under transformers' names (`names()`, `get(name)`, `get_rows`: a safetensors directory, or a
+    GGUF file's tensors, bam/formats/gguf.py), opened only once the config is known to be one we
+    can compute; `config_file` is where its config came from, for messages."""
     family = hf_config.model_type
     fields = translate_config(hf_config, path)
     config = config_from_dict({"model_type": "bam", **fields}, config_file)
