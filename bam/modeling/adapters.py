@@ -59,23 +59,70 @@ class Adapter(nn.Module):
         """Projection `name`'s output y = W x, adapted: y + s B A x (LoRA), or l * y ((IA)³ of q/k/v)."""
         if self.kind == "lora":
             a = getattr(self, f"{name}_lora_A", None)
-            if a is None:
-                return y
-            b = getattr(self, f"{name}_lora_B")
-            if a.dim() == 2:
-                return y + F.linear(F.linear(x, a), b) * self.scaling
-            # the fused gate_up_proj: pair p's A x is columns p*r.. of one matmul, its B (A x) the
-            # rows p*F.. of the output (gate rows first)
-            pieces, r = a.shape[0], a.shape[1]
-            ax = F.linear(x, a.reshape(pieces * r, -1)).unflatten(-1, (pieces, r))
-            delta = torch.einsum("...pr,pfr->...pf", ax, b).flatten(-2)
-            return y + delta * self.scaling
-        if name == "down_proj":  # (IA)³ rescales down_proj's input: see `input`
-            return y
-        scale = getattr(self, f"{name}_ia3", None)
+            return y if a is None else y + self.lora_update(x, a, getattr(self, f"{name}_lora_B"))
+        scale = self.output_scale(name)
         return y if scale is None else y * scale
 
     def input(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """Projection `name`'s input, adapted: (IA)³ rescales down_proj's (PEFT's feedforward module)."""
         scale = getattr(self, f"{name}_ia3", None) if self.kind == "ia3" else None
         return x if scale is None else x * scale
+
+    def lora_update(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """s B A x for one LoRA pair, or for the fused gate_up_proj's two (a [2, r, I], b [2, O, r])."""
+        if a.dim() == 2:
+            return F.linear(F.linear(x, a), b) * self.scaling
+        # the fused gate_up_proj: pair p's A x is columns p*r.. of one matmul, its B (A x) the
+        # rows p*F.. of the output (gate rows first)
+        pieces, r = a.shape[0], a.shape[1]
+        ax = F.linear(x, a.reshape(pieces * r, -1)).unflatten(-1, (pieces, r))
+        return torch.einsum("...pr,pfr->...pf", ax, b).flatten(-2) * self.scaling
+
+    def output_scale(self, name: str) -> torch.Tensor | None:
+        """(IA)³'s vector on projection `name`'s output ([O], or [E, O] for adapter experts), if any:
+        q/k/v have one; down_proj's rescales its input instead."""
+        return None if name == "down_proj" or self.kind != "ia3" else getattr(self, f"{name}_ia3", None)
+
+    # Adapter experts (config.adapter_experts): each tensor holds one adapter per expert along dim 0,
+    # and expert j's projection is the seed's, W x, adapted by adapter j. The seed's W x is computed
+    # once for every token (y below); only the low-rank or vector updates are per expert.
+
+    def expert_outputs(self, name: str, x_NI: torch.Tensor, y_NO: torch.Tensor, n_experts: int) -> torch.Tensor:
+        """Every expert's output of projection `name` for shared inputs x, [N, E, O]: y + s B_j A_j x,
+        or l_j * y; y itself for each expert when the projection has no adapter."""
+        if self.kind == "lora" and hasattr(self, f"{name}_lora_A"):
+            ax_NER = torch.einsum("ni,eri->ner", x_NI, getattr(self, f"{name}_lora_A"))
+            delta_NEO = torch.einsum("ner,eor->neo", ax_NER, getattr(self, f"{name}_lora_B"))
+            return y_NO[:, None] + delta_NEO * self.scaling
+        scale_EO = self.output_scale(name)
+        if scale_EO is not None:
+            return y_NO[:, None] * scale_EO
+        return y_NO[:, None].expand(-1, n_experts, -1)
+
+    def mixed_output(self, name: str, x_NI: torch.Tensor, y_NO: torch.Tensor, gates_NE: torch.Tensor) -> torch.Tensor:
+        """The output of one projection whose update is the gate-weighted sum of the experts' (MoLoRA,
+        MoV): y + s sum_j g_j B_j A_j x, or (sum_j g_j l_j) * y; the gates sum to 1."""
+        if self.kind == "lora" and hasattr(self, f"{name}_lora_A"):
+            ax_NER = torch.einsum("ni,eri->ner", x_NI, getattr(self, f"{name}_lora_A")) * gates_NE[..., None]
+            return y_NO + torch.einsum("ner,eor->no", ax_NER, getattr(self, f"{name}_lora_B")) * self.scaling
+        scale_EO = self.output_scale(name)
+        return y_NO if scale_EO is None else y_NO * (gates_NE @ scale_EO)
+
+    def summed_output(self, name: str, x_NEI: torch.Tensor, y_NO: torch.Tensor) -> torch.Tensor:
+        """y + s sum_j B_j A_j x_j, expert j's update applied to its own input x_j: the output
+        projection of gated attention experts, y = W sum_j x_j (W is linear, so computed once)."""
+        if self.kind != "lora" or not hasattr(self, f"{name}_lora_A"):
+            return y_NO
+        ax_NER = torch.einsum("nei,eri->ner", x_NEI, getattr(self, f"{name}_lora_A"))
+        return y_NO + torch.einsum("ner,eor->no", ax_NER, getattr(self, f"{name}_lora_B")) * self.scaling
+
+    def expert_update(self, name: str, e: int, x: torch.Tensor) -> torch.Tensor | None:
+        """Expert e's LoRA update s B_e A_e x of projection `name`, or None (no LoRA on it)."""
+        if self.kind != "lora" or not hasattr(self, f"{name}_lora_A"):
+            return None
+        return self.lora_update(x, getattr(self, f"{name}_lora_A")[e], getattr(self, f"{name}_lora_B")[e])
+
+    def expert_input(self, name: str, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Projection `name`'s input for expert e: (IA)³ rescales down_proj's by l_e."""
+        scale = getattr(self, f"{name}_ia3", None) if self.kind == "ia3" else None
+        return x if scale is None else x * scale[e]

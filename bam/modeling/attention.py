@@ -215,33 +215,43 @@ class MixtureOfAttention(nn.Module):
     attend to its own K/V heads; with `kv_shared` all experts' query heads attend to one set of
     K/V heads, i.e. grouped-query attention with group size E * H / H_kv. SDPA groups consecutive
     query heads, so for sharing the heads are reordered kv-head-major before the call and back after.
+
+    With attn_mixing='parameters' (MoLoRA, MoV) the gates mix the experts' projections instead:
+    one attention whose q/k/v are sum_j g_j W_j h and whose output is sum_j g_j W_o,j a, at one
+    attention's cost with one KV cache. With adapter experts (config.adapter_experts) the stored
+    projections are the seed's, computed once, and expert j adds adapter j's update
+    (bam/modeling/adapters.py).
     """
 
     def __init__(self, config: BamConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_experts = config.n_attn_experts
+        self.n_kv_experts = config.n_kv_experts
         self.kv_shared = config.kv_shared and config.n_attn_experts > 1
+        self.mix_parameters = config.attn_mixing == "parameters" and config.n_attn_experts > 1
+        self.adapter_experts = config.adapter_experts
         self.n_heads = config.num_attention_heads
         self.n_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.routing = config.attn_routing
         self.top_k = config.attn_top_k
         d, q_width = config.hidden_size, config.num_attention_heads * config.head_dim
-        kv_width = config.n_kv_experts * config.num_key_value_heads * config.head_dim
-        self.q_proj = nn.Linear(d, self.n_experts * q_width, bias=config.qkv_bias)
+        n_q, n_kv = config.n_weight_copies(self.n_experts), config.n_weight_copies(self.n_kv_experts)
+        kv_width = n_kv * config.num_key_value_heads * config.head_dim
+        self.q_proj = nn.Linear(d, n_q * q_width, bias=config.qkv_bias)
         self.k_proj = nn.Linear(d, kv_width, bias=config.qkv_bias)
         self.v_proj = nn.Linear(d, kv_width, bias=config.qkv_bias)
         # attn_output_bias (GPT-NeoX): one bias per layer, not per expert: the gates sum to 1, so the
         # mixture sum_j g_j (o_j + b) is sum_j g_j o_j + b, one o_proj over the gated experts plus b
-        self.o_proj = nn.Linear(self.n_experts * q_width, d, bias=config.attn_output_bias)
+        self.o_proj = nn.Linear(n_q * q_width, d, bias=config.attn_output_bias)
         self.qk_norm_per_head = config.qk_norm_scope == "head"
         self.q_norm = self.k_norm = None
         if config.qk_norm:
             q_width, k_width = qk_norm_widths(config)
             per_head = (1,) if self.qk_norm_per_head else ()
-            self.q_norm = Norm(config, (self.n_experts, *per_head, q_width))
-            self.k_norm = Norm(config, (config.n_kv_experts, *per_head, k_width))
+            self.q_norm = Norm(config, (n_q, *per_head, q_width))
+            self.k_norm = Norm(config, (n_kv, *per_head, k_width))
         self.rope = layer_idx not in (config.nope_layers or ())  # False: a NoPE layer (SmolLM3)
         self.window = config.attention_window(layer_idx)  # None: full attention
         self.scale = config.attention_scale  # None: SDPA's 1/sqrt(head_dim)
@@ -250,10 +260,38 @@ class MixtureOfAttention(nn.Module):
         # LoRA or (IA)³ on q/k/v/o (bam/modeling/adapters.py); None: the projections as they are
         self.adapter = Adapter(config, "attn") if config.adapter is not None else None
 
-    def project(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """Projection `name` (q_proj, k_proj, v_proj, o_proj) of x, with the adapter's update if any."""
-        y = getattr(self, name)(x)
-        return y if self.adapter is None else self.adapter.output(name, x, y)
+    def project(self, name: str, h_BTD: torch.Tensor, gates_BTE: torch.Tensor | None = None) -> torch.Tensor:
+        """Projection `name` (q_proj, k_proj, v_proj) of h for every expert of it, stacked expert-major
+        [B, T, E_p * O]; with `gates_BTE` (attn_mixing='parameters') their gate-weighted mix [B, T, O].
+        A projection with one expert (the dense model's, shared K/V) gives its output either way."""
+        y_BTO = getattr(self, name)(h_BTD)
+        if self.adapter is None or not self.adapter_experts:
+            if self.adapter is not None:  # one adapter on a dense model
+                y_BTO = self.adapter.output(name, h_BTD, y_BTO)
+            n_proj = self.n_experts if name == "q_proj" else self.n_kv_experts
+            if gates_BTE is None or n_proj == 1:
+                return y_BTO
+            return torch.einsum("bteo,bte->bto", y_BTO.unflatten(-1, (n_proj, -1)), gates_BTE.to(y_BTO.dtype))
+        B, T = h_BTD.shape[:2]
+        h_ND, y_NO = h_BTD.flatten(0, 1), y_BTO.flatten(0, 1)
+        if gates_BTE is not None:
+            return self.adapter.mixed_output(name, h_ND, y_NO, gates_BTE.flatten(0, 1).to(y_NO.dtype)).view(B, T, -1)
+        n_proj = self.n_experts if name == "q_proj" else self.n_kv_experts
+        return self.adapter.expert_outputs(name, h_ND, y_NO, n_proj).reshape(B, T, -1)
+
+    def output(self, o_BTEHA: torch.Tensor, gates_BTE: torch.Tensor | None) -> torch.Tensor:
+        """sum_j g_j W_o,j o_j: the output projection of the gated experts' attention outputs (one
+        attention's output o for every expert with attn_mixing='parameters')."""
+        if gates_BTE is not None:
+            o_BTEHA = o_BTEHA * gates_BTE.to(o_BTEHA.dtype)[..., None, None]  # (broadcasts one attention's E=1)
+        if not self.adapter_experts:
+            o_BTI = o_BTEHA.expand(-1, -1, self.n_experts, -1, -1).flatten(2)
+            y_BTD = self.o_proj(o_BTI)
+            return y_BTD if self.adapter is None else self.adapter.output("o_proj", o_BTI, y_BTD)
+        B, T = o_BTEHA.shape[:2]
+        y_BTD = self.o_proj(o_BTEHA.sum(dim=2).flatten(2))  # W_o is the seed's for all: W_o sum_j g_j o_j
+        o_NEI = o_BTEHA.expand(-1, -1, self.n_experts, -1, -1).flatten(3).flatten(0, 1)
+        return self.adapter.summed_output("o_proj", o_NEI, y_BTD.flatten(0, 1)).view(B, T, -1)
 
     def gates(self, h_BTD: torch.Tensor) -> torch.Tensor:
         probs_BTE = fp32_linear(h_BTD, self.router.weight).softmax(dim=-1)
@@ -264,11 +302,14 @@ class MixtureOfAttention(nn.Module):
 
     def forward(self, h_BTD, cos_sin, masks: AttentionMasks, cache: Cache | None):
         B, T, _ = h_BTD.shape
-        E, group = self.n_experts, self.n_heads // self.n_kv_heads
+        gates_BTE = self.gates(h_BTD) if self.router is not None else None
+        mixing_gates_BTE = gates_BTE if self.mix_parameters else None  # None: each expert attends
+        E = 1 if self.mix_parameters else self.n_experts  # attentions computed
+        group = self.n_heads // self.n_kv_heads
         # (B, T, E, H_kv, group, A) -> heads in the order SDPA's GQA grouping needs.
-        head_order = (0, 3, 2, 4, 1, 5) if self.kv_shared else (0, 2, 3, 4, 1, 5)
-        q_BTEHA = self.project("q_proj", h_BTD).view(B, T, E, self.n_heads, self.head_dim)
-        k_BTEHA = self.project("k_proj", h_BTD).view(B, T, -1, self.n_kv_heads, self.head_dim)
+        head_order = (0, 3, 2, 4, 1, 5) if self.kv_shared and E > 1 else (0, 2, 3, 4, 1, 5)
+        q_BTEHA = self.project("q_proj", h_BTD, mixing_gates_BTE).view(B, T, E, self.n_heads, self.head_dim)
+        k_BTEHA = self.project("k_proj", h_BTD, mixing_gates_BTE).view(B, T, -1, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None and self.qk_norm_per_head:  # qk_norm: each head's query and key, before RoPE
             q_BTEHA, k_BTEHA = self.q_norm(q_BTEHA), self.k_norm(k_BTEHA)
         elif self.q_norm is not None:  # all of an expert's heads together
@@ -277,7 +318,7 @@ class MixtureOfAttention(nn.Module):
         q = q_BTEHA.view(B, T, E, self.n_kv_heads, group, self.head_dim)
         q_BHTA = q.permute(head_order).reshape(B, E * self.n_heads, T, self.head_dim)
         k_BHSA = k_BTEHA.view(B, T, -1, self.head_dim).transpose(1, 2)
-        v_BHSA = self.project("v_proj", h_BTD).view(B, T, -1, self.head_dim).transpose(1, 2)
+        v_BHSA = self.project("v_proj", h_BTD, mixing_gates_BTE).view(B, T, -1, self.head_dim).transpose(1, 2)
         if self.rope:
             q_BHTA, k_BHSA = apply_rope(q_BHTA, *cos_sin), apply_rope(k_BHSA, *cos_sin)
         if cache is not None:
@@ -295,8 +336,4 @@ class MixtureOfAttention(nn.Module):
         o = o_BHTA.view(B, *q.permute(head_order).shape[1:])
         inverse = sorted(range(6), key=head_order.__getitem__)
         o_BTEHA = o.permute(inverse).reshape(B, T, E, self.n_heads, self.head_dim)
-        gates_BTE = None
-        if self.router is not None:
-            gates_BTE = self.gates(h_BTD)
-            o_BTEHA = o_BTEHA * gates_BTE.to(o_BTEHA.dtype)[..., None, None]
-        return self.project("o_proj", o_BTEHA.reshape(B, T, -1)), gates_BTE
+        return self.output(o_BTEHA, gates_BTE), gates_BTE

@@ -20,6 +20,10 @@ from bam.modeling.transformers_compat import CACHE_NAMES
 BLOCKS = ("parallel", "sequential")
 NORMS = ("rmsnorm", "layernorm")
 ATTN_ROUTINGS = ("soft", "topk")
+# How the gates mix attention experts: their outputs, sum_j g_j Attn_j(h) (BAM), or their
+# parameters, one attention whose per-token q/k/v/o projections are sum_j g_j W_j (MoLoRA/MoV):
+# one attention's cost and one KV cache, whatever the number of experts.
+ATTN_MIXINGS = ("outputs", "parameters")
 FFN_ROUTERS = ("linear", "nexus")
 EXPERT_DISPATCHES = ("grouped", "loop")
 # RoPE variants (transformers' `rope_type`): plain RoPE, and the scaling rules transformers implements
@@ -165,6 +169,7 @@ class BamConfig(PreTrainedConfig):
     kv_shared: bool = False
     attn_routing: str = "soft"
     attn_top_k: int = 1
+    attn_mixing: str = "outputs"  # one of ATTN_MIXINGS
 
     # FFN experts (METHOD.md 3.1): BAM's default is top-1 with the gate not renormalized.
     # (Not `top_k`: transformers would read that as a sampling setting for generate().)
@@ -198,6 +203,12 @@ class BamConfig(PreTrainedConfig):
     adapter_targets: list[str] | None = None
     lora_rank: int | None = None
     lora_alpha: float | None = None
+    # Adapter experts (METHOD.md 7): every expert is the one seed plus an adapter of its own, so a
+    # layer holds one copy of the seed's weights and a stack of adapters, one per expert of each
+    # projection (q/o: n_attn_experts, k/v: n_kv_experts, FFN: n_ffn_experts); expert j computes
+    # with the seed's weights and adapter j (bam/modeling/adapters.py). False: one adapter on a
+    # dense model, or none.
+    adapter_experts: bool = False
 
     # Auxiliary losses on the FFN router, summed over layers and added to the LM loss.
     router_aux_loss_coef: float = 0.01
@@ -244,8 +255,25 @@ class BamConfig(PreTrainedConfig):
 
     @property
     def n_kv_experts(self) -> int:
-        """How many K/V projections (and KV caches) each layer holds."""
+        """How many K/V experts each layer has: one per attention expert, or one shared."""
         return 1 if self.kv_shared else self.n_attn_experts
+
+    @property
+    def n_kv_caches(self) -> int:
+        """How many sets of K/V heads each layer caches: one per K/V expert when attention experts'
+        outputs are mixed, one when their parameters are (the keys are mixed before they are cached)."""
+        return 1 if self.attn_mixing == "parameters" else self.n_kv_experts
+
+    def projection_experts(self, name: str) -> int:
+        """How many experts projection `name` (an adapter target, PEFT's name) has in each layer."""
+        if name in ("q_proj", "o_proj"):
+            return self.n_attn_experts
+        return self.n_kv_experts if name in ("k_proj", "v_proj") else self.n_ffn_experts
+
+    def n_weight_copies(self, experts: int) -> int:
+        """How many full weight copies hold `experts` experts of one projection: one each, or one
+        seed copy that adapter experts share."""
+        return 1 if self.adapter_experts else experts
 
     def attention_window(self, layer_idx: int) -> int | None:
         """How many latest keys layer `layer_idx`'s attention sees (its sliding window), None for all."""
@@ -290,6 +318,10 @@ class BamConfig(PreTrainedConfig):
         check(not self.norm_bias or (self.norm == "layernorm" and not self.norm_weight_offset), "norm_bias",
               "false unless norm='layernorm' (and norm_weight_offset 0)")
         check(self.attn_routing in ATTN_ROUTINGS, "attn_routing", f"one of {ATTN_ROUTINGS}")
+        check(self.attn_mixing in ATTN_MIXINGS, "attn_mixing", f"one of {ATTN_MIXINGS}")
+        # (mixing parameters would have to mix each expert's q/k norm weights too)
+        check(self.attn_mixing == "outputs" or not self.qk_norm or self.adapter_experts, "attn_mixing",
+              "'outputs' with qk_norm, unless the experts are adapters (which share the seed's q/k norms)")
         check(self.ffn_router in FFN_ROUTERS, "ffn_router", f"one of {FFN_ROUTERS}")
         check(self.expert_dispatch in EXPERT_DISPATCHES, "expert_dispatch", f"one of {EXPERT_DISPATCHES}")
         check(self.ffn_top_k <= self.n_ffn_experts, "ffn_top_k", f"at most n_ffn_experts={self.n_ffn_experts}")
@@ -377,16 +409,27 @@ class BamConfig(PreTrainedConfig):
             need(ok, f"config field {field}", getattr(self, field), expected)
 
         check(self.adapter is None or self.adapter in ADAPTERS, "adapter", f"null or one of {ADAPTERS}")
+        check(isinstance(self.adapter_experts, bool), "adapter_experts", "true or false")
         if self.adapter is None:
             for field in ("adapter_targets", "lora_rank", "lora_alpha"):
                 check(getattr(self, field) is None, field, "null unless adapter is set")
+            check(not self.adapter_experts, "adapter_experts", "false unless adapter is set")
             return
-        check(self.is_dense, "adapter", "null on a mixture (adapters go on a dense model)")
-        allowed = ADAPTER_TARGETS[self.adapter]
         targets = self.adapter_targets
+        allowed = ADAPTER_TARGETS[self.adapter]
         check(isinstance(targets, list) and targets and all(t in allowed for t in targets)
               and targets == sorted(set(targets), key=allowed.index), "adapter_targets",
               f"distinct names among {allowed}, in that order")
+        if self.adapter_experts:
+            check(not self.ffn_shared_expert and self.ffn_router == "linear", "adapter_experts",
+                  "false with a shared expert or a Nexus router")
+            check(all(self.projection_experts(t) > 1 for t in targets),
+                  "adapter_targets", "projections with several experts each (adapter_experts: "
+                  f"n_attn_experts={self.n_attn_experts}, n_kv_experts={self.n_kv_experts}, "
+                  f"n_ffn_experts={self.n_ffn_experts})")
+        else:
+            check(self.is_dense, "adapter", "null on a mixture of full experts (adapters go on a dense "
+                  "model, or are the experts: adapter_experts)")
         if self.adapter == "lora":
             check(("gate_proj" in targets) == ("up_proj" in targets) or not self.ffn_gated, "adapter_targets",
                   "gate_proj and up_proj together (bam fuses them into one gate_up_proj)")

@@ -136,8 +136,9 @@ def qk_norm_widths(config: BamConfig) -> tuple[int, int]:
 def layer_parameters(config: BamConfig, i: int) -> list[Param]:
     """The tensors of layer `i`, in module order."""
     d = config.hidden_size
-    q_width = config.n_attn_experts * config.num_attention_heads * config.head_dim
-    kv_width = config.n_kv_experts * config.num_key_value_heads * config.head_dim
+    n_q, n_kv = config.n_weight_copies(config.n_attn_experts), config.n_weight_copies(config.n_kv_experts)
+    q_width = n_q * config.num_attention_heads * config.head_dim
+    kv_width = n_kv * config.num_key_value_heads * config.head_dim
     n_ffn = config.n_ffn_experts
     prefix = f"model.layers.{i}."
 
@@ -168,11 +169,13 @@ def layer_parameters(config: BamConfig, i: int) -> list[Param]:
         params.append(param("attn.o_proj.bias", (d,), "attn_output"))
     if config.qk_norm:
         q_norm, k_norm = qk_norm_widths(config)
-        params += [param("attn.q_norm.weight", (config.n_attn_experts * q_norm,), "attn_query", 0),
-                   param("attn.k_norm.weight", (config.n_kv_experts * k_norm,), "attn_key_value", 0)]
+        params += [param("attn.q_norm.weight", (n_q * q_norm,), "attn_query", 0),
+                   param("attn.k_norm.weight", (n_kv * k_norm,), "attn_key_value", 0)]
     if config.n_attn_experts > 1:
         params.append(param("attn.router.weight", (config.n_attn_experts, d), "attn_router"))
-    params += [param(f"attn.adapter.{local}", shape, "adapter") for local, shape in adapter_shapes(config, "attn")]
+    experts_dim = 0 if config.adapter_experts else None
+    params += [param(f"attn.adapter.{local}", shape, "adapter", experts_dim)
+               for local, shape in adapter_shapes(config, "attn")]
     if config.ffn_router == "nexus":
         m, h = config.nexus_embed_dim, config.nexus_hidden_dim
         params += [param("ffn.router.domain_embeddings", (n_ffn, m), "domain_embeddings", 0),
@@ -180,10 +183,12 @@ def layer_parameters(config: BamConfig, i: int) -> list[Param]:
                    param("ffn.router.down_proj", (d, h), "nexus_projection")]
     elif n_ffn > 1:  # one expert takes every token: no linear router (bam/modeling/moe.py)
         params.append(param("ffn.router.weight", (n_ffn, d), "ffn_router"))
-    params += [param(f"ffn.experts.{local}", (n_ffn, *shape), "ffn_experts", 0) for local, shape in ffn_shapes(config)]
+    params += [param(f"ffn.experts.{local}", (config.n_weight_copies(n_ffn), *shape), "ffn_experts", 0)
+               for local, shape in ffn_shapes(config)]
     if config.ffn_shared_expert:
         params += [param(f"ffn.shared_expert.{local}", shape, "shared_expert") for local, shape in ffn_shapes(config)]
-    params += [param(f"ffn.adapter.{local}", shape, "adapter") for local, shape in adapter_shapes(config, "ffn")]
+    params += [param(f"ffn.adapter.{local}", shape, "adapter", experts_dim)
+               for local, shape in adapter_shapes(config, "ffn")]
     return params
 
 
@@ -217,11 +222,13 @@ def adapter_shapes(config: BamConfig, sublayer: str) -> list[tuple[str, tuple[in
     shapes = []
     for name, i, o, pieces in adapted_projections(config, sublayer):
         lead = (pieces,) if pieces > 1 else ()
+        if config.adapter_experts:  # one adapter per expert of the projection, stacked
+            lead = (config.projection_experts(name), *lead)
         if config.adapter == "lora":
             r = config.lora_rank
             shapes += [(f"{name}_lora_A", (*lead, r, i)), (f"{name}_lora_B", (*lead, o, r))]
         else:
-            shapes.append((f"{name}_ia3", (i if name == "down_proj" else o,)))
+            shapes.append((f"{name}_ia3", (*lead, i if name == "down_proj" else o)))
     return shapes
 
 

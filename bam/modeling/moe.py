@@ -270,6 +270,46 @@ class FFNExperts(FFNParameters):
         gate_R = gate_TK.flatten().index_select(0, order_R).to(y_RD.dtype)
         return y_RD.new_zeros(n_tokens, y_RD.shape[1]).index_add_(0, token_R, y_RD * gate_R[:, None])
 
+    def adapter_experts(self, h_TD: torch.Tensor, expert_index_TK: torch.Tensor, gate_TK: torch.Tensor,
+                        counts_E: torch.Tensor, adapter: Adapter) -> torch.Tensor:
+        """sum_k gate_k * FFN_{e_k}(h) where expert e is the one stored FFN (the seed's) with adapter
+        e (config.adapter_experts). The seed's matmuls run once per token, not once per (token,
+        slot) pair: its input projection is shared, and its down projection is linear, so
+        sum_k g_k W_down z_k = W_down (sum_k g_k z_k). Per pair remain the adapters' updates and the
+        activation."""
+        n_tokens, top_k = expert_index_TK.shape
+        in_bias, down_bias = self.in_proj_bias, self.down_proj_bias
+        if in_bias is not None:
+            in_bias, down_bias = in_bias.squeeze(0), down_bias.squeeze(0)
+        order_R = torch.argsort(expert_index_TK.flatten(), stable=True)
+        token_R = order_R // top_k
+        sizes = counts_E.tolist()
+        proj_RO = F.linear(h_TD, self.in_proj.squeeze(0), in_bias).index_select(0, token_R)
+        gate_R = gate_TK.flatten().index_select(0, order_R).to(proj_RO.dtype)
+        x_RD = h_TD.index_select(0, token_R)
+        hidden_blocks, down_updates = [], []
+        for e, (x_blk, proj_blk, gate_blk) in enumerate(zip(x_RD.split(sizes), proj_RO.split(sizes),
+                                                             gate_R.split(sizes))):
+            if not x_blk.shape[0]:
+                continue
+            update = adapter.expert_update(self.in_name, e, x_blk)
+            if update is not None:
+                proj_blk = proj_blk + update
+            hidden = adapter.expert_input("down_proj", e, ffn_hidden(proj_blk, self.act, self.gated))
+            hidden = hidden * gate_blk[:, None]
+            hidden_blocks.append(hidden)
+            update = adapter.expert_update("down_proj", e, hidden)
+            if update is not None:
+                down_updates.append(update)
+        hidden_RF = torch.cat(hidden_blocks)
+        hidden_TF = hidden_RF.new_zeros(n_tokens, hidden_RF.shape[1]).index_add_(0, token_R, hidden_RF)
+        y_TD = F.linear(hidden_TF, self.down_proj.squeeze(0))
+        if down_bias is not None:  # sum_k g_k b: the gates need not sum to 1 (BAM's top-1)
+            y_TD = y_TD + gate_TK.sum(-1, keepdim=True).to(y_TD.dtype) * down_bias
+        if down_updates:
+            y_TD = y_TD.index_add(0, token_R, torch.cat(down_updates))
+        return y_TD
+
 
 class SharedExpert(FFNParameters):
     """One FFN with 2-D weights, of the experts' kind: the always-on shared expert (Nexus: the seed's FFN)."""
@@ -301,9 +341,11 @@ class MoEFFN(nn.Module):
             self.router = NexusRouter(config)
         else:
             self.router = LinearRouter(config) if self.n_experts > 1 else None
-        self.experts = FFNExperts(config, self.n_experts)
+        self.adapter_experts = config.adapter_experts
+        self.experts = FFNExperts(config, config.n_weight_copies(self.n_experts))
         self.shared_expert = SharedExpert(config) if config.ffn_shared_expert else None
-        # LoRA or (IA)³ on the dense FFN (bam/modeling/adapters.py); None: the FFN as it is
+        # LoRA or (IA)³ on the dense FFN, or one per expert with adapter_experts
+        # (bam/modeling/adapters.py); None: the FFN as it is
         self.adapter = Adapter(config, "ffn") if config.adapter is not None else None
 
     def forward(self, h_BTD: torch.Tensor, aux_losses: bool = True) -> FFNOutput:
@@ -316,7 +358,11 @@ class MoEFFN(nn.Module):
             h_TD = h_BTD.reshape(-1, h_BTD.shape[-1])
             routing = self.router(h_TD)
             counts_E = expert_counts(routing.expert_index_TK, self.n_experts)  # once, for dispatch and loss
-            y_TD = self.experts(h_TD, routing.expert_index_TK, routing.gate_TK, counts_E)
+            if self.adapter_experts:
+                y_TD = self.experts.adapter_experts(h_TD, routing.expert_index_TK, routing.gate_TK, counts_E,
+                                                    self.adapter)
+            else:
+                y_TD = self.experts(h_TD, routing.expert_index_TK, routing.gate_TK, counts_E)
             out = FFNOutput(y_TD.view_as(h_BTD), routing=routing)
             if aux_losses:
                 out.load_balancing_loss = load_balancing_loss(routing.probs_TE, routing.expert_index_TK, counts_E)
