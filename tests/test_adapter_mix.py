@@ -7,6 +7,7 @@ tensors of the adapters themselves, and the parameter count of the module bam bu
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import peft
@@ -91,6 +92,45 @@ def test_materialize_equals_the_adapter_moe(kind, method, mixing, seed_and_adapt
     assert rel_diff(low_logits, logits(tmp_path / "full", ids)) < 1e-4
     assert rel_diff(low_logits, logits(root / "seed", ids)) > 1e-2  # the adapters matter
     assert cost.params_total(full) > cost.params_total(low)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "olmo2", "gemma2", "mistral-sliding"])
+def test_moe_of_one_adapter_repeated_is_the_merged_seed_in_other_families(family, tmp_path):
+    """q/k/v biases (Qwen2: (IA)³ scales them too), q/k norms per head and over all heads (Qwen3,
+    OLMo 2: the seed's, shared by adapter experts, under either mixing), Gemma 2's sandwich norms and
+    soft-capping, a sliding window."""
+    from test_hf_import import FAMILIES, make_hf_model
+
+    model_cls = FAMILIES[family][1]
+    make_hf_model(family, tmp_path / "seed")
+    ids = input_ids(SHAPE["vocab_size"])
+    for kind in ("lora", "ia3-qv"):
+        adapter = tmp_path / kind
+        make_peft_adapter(tmp_path / "seed", adapter, kind, model_cls)
+        base = model_cls.from_pretrained(tmp_path / "seed", dtype=torch.float32)
+        with torch.no_grad():
+            reference = peft.PeftModel.from_pretrained(base, adapter).merge_and_unload().eval()(ids).logits
+        for mixing in MIXINGS:
+            out = tmp_path / f"{kind}-{mixing}"
+            mix_adapters(open_model(tmp_path / "seed"), [adapter] * 2, "bam", out, base_expert=False,
+                         attn_mixing=mixing, top_k=2, renormalize=True, router_init_std=0.5, progress=False)
+            assert rel_diff(logits(out, ids), reference) < 1e-4, (kind, mixing)
+
+
+@pytest.mark.parametrize("mixing", MIXINGS)
+def test_greedy_generation_with_cache_equals_recomputing(mixing, seed_and_adapters, tmp_path):
+    """The KV cache of adapter experts: one K/V set per expert (outputs) or one (parameters)."""
+    root = seed_and_adapters
+    mix_adapters(open_model(root / "seed"), [root / "lora0", root / "lora1"], "bam", tmp_path / "moe",
+                 attn_mixing=mixing, router_init_std=0.5, progress=False)
+    model = load_model(tmp_path / "moe").eval()
+    prompt = input_ids(SHAPE["vocab_size"])[:1, :5]
+    with torch.no_grad():
+        cached = model.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=True)
+        tokens = prompt
+        for _ in range(8):  # no cache: the whole sequence each step
+            tokens = torch.cat([tokens, model(tokens).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(cached, tokens)
 
 
 def test_the_seed_expert_is_a_zero_adapter_and_each_expert_holds_its_adapter(seed_and_adapters, tmp_path):
@@ -211,3 +251,74 @@ def test_mixed_alpha_is_folded_into_b(seed_and_adapters, tmp_path):
         mix_adapters(open_model(root / "seed"), adapters, "bam", tmp_path / out, top_k=2, router_init_std=0.5,
                      progress=False)
     assert rel_diff(logits(tmp_path / "folded", ids), logits(tmp_path / "same", ids)) < 1e-4
+
+
+def test_materialized_btx_exports_to_mixtral_and_the_adapter_moe_says_how(seed_and_adapters, tmp_path, capsys):
+    root = seed_and_adapters
+    adapters = [root / "lora0", root / "lora1"]
+    options = dict(top_k=2, renormalize=True, router_init_std=0.5, progress=False)
+    mix_adapters(open_model(root / "seed"), adapters, "btx", tmp_path / "low", **options)
+    mix_adapters(open_model(root / "seed"), adapters, "btx", tmp_path / "full", materialize=True, **options)
+    assert main(["export", str(tmp_path / "low"), "--format", "mixtral", "--out", str(tmp_path / "x")]) == 2
+    assert "`bam mix --materialize` writes them" in capsys.readouterr().err
+    # (export checks the written Mixtral's logits against the model's before it keeps the output)
+    assert main(["export", str(tmp_path / "full"), "--format", "mixtral", "--out", str(tmp_path / "mixtral")]) == 0
+    assert json.loads((tmp_path / "mixtral" / "config.json").read_text())["model_type"] == "mixtral"
+
+
+# ---------------------------------------------------------------------------------------------
+# Training a mixture of adapter experts
+
+
+def train_moe_args(assets, model: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", str(model), "--out", str(out), "--data", *assets.data("code", "prose"), "--no-progress",
+            "--max-steps", "4", "--batch-size", "4", "--seq-len", "32", "--lr", "1e-2", "--warmup", "0",
+            "--save-every", "2", "--keep", "5", "--eval-every", "0", "--cache-dir", str(assets.cache),
+            "--tokenizer", str(assets.tokenizer), *extra]
+
+
+@pytest.fixture(scope="module")
+def adapter_moe(tmp_path_factory):
+    """A bam mixture of two PEFT adapters and the seed, on the training assets' vocabulary."""
+    from _train_assets import VOCAB, build_assets
+
+    root = tmp_path_factory.mktemp("adapter_moe")
+    make_seed(root / "seed", vocab_size=VOCAB)
+    for i in range(2):
+        make_peft_adapter(root / "seed", root / f"lora{i}", "lora", weights_seed=20 + i)
+    mix_adapters(open_model(root / "seed"), [root / "lora0", root / "lora1"], "bam", root / "moe",
+                 router_init_std=0.5, progress=False)
+    return build_assets(), root / "moe"
+
+
+def test_training_an_adapter_moe_updates_routers_and_adapters_and_resumes(adapter_moe, tmp_path):
+    assets, moe = adapter_moe
+    out = tmp_path / "run"
+    assert main(train_moe_args(assets, moe, out)) == 0
+    before, after = load_file(str(moe / "model.safetensors")), load_file(str(out / "model" / "model.safetensors"))
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed == {name for name in before if ".router." in name or ".adapter." in name}  # the seed is frozen
+    shutil.rmtree(out / "checkpoints" / "step_000004")
+    shutil.rmtree(out / "model")
+    assert main([*train_moe_args(assets, moe, out), "--resume"]) == 0
+    resumed = load_file(str(out / "model" / "model.safetensors"))
+    assert all(torch.equal(resumed[name], after[name]) for name in after)
+    # the seed too, when asked
+    assert main(train_moe_args(assets, moe, tmp_path / "all", "--train-only", "all", "--max-steps", "1")) == 0
+    trained = load_file(str(tmp_path / "all" / "model" / "model.safetensors"))
+    assert not torch.equal(trained["model.layers.0.attn.q_proj.weight"], before["model.layers.0.attn.q_proj.weight"])
+
+
+def test_adapter_moe_training_under_fsdp_equals_ddp(adapter_moe, tmp_path):
+    """FSDP2 shards the frozen seed and the trained adapters and routers, and trains what DDP does.
+    (Not what one process does: the load-balancing loss is computed per micro-batch, so for any MoE
+    two ranks of half a batch train differently from one process with the whole batch.)"""
+    from _train_assets import torchrun
+
+    assets, moe = adapter_moe
+    for dist in ("ddp", "fsdp"):
+        proc = torchrun(2, *train_moe_args(assets, moe, tmp_path / dist, "--max-steps", "3", "--dist", dist))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    ids = input_ids(SHAPE["vocab_size"])
+    assert rel_diff(logits(tmp_path / "fsdp" / "model", ids), logits(tmp_path / "ddp" / "model", ids)) <= 1e-4
+    assert rel_diff(logits(tmp_path / "fsdp" / "model", ids), logits(moe, ids)) > 1e-3  # it trained

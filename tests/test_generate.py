@@ -85,3 +85,26 @@ def test_missing_tokenizer_is_a_one_line_error(tmp_path, capsys):
 def test_bad_decoding_options_are_refused(models, flag, value, capsys):
     assert main(["generate", str(models["dense"]), "--prompt", PROMPT, flag, value]) == 2
     assert flag in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("split", ["even", "gate"])
+def test_kv_budget_is_snapkv_in_transformers_generate(models, split, capsys):
+    """`--kv-budget` is bam.modeling.kv_compression.SnapKVCache passed to transformers' generate()."""
+    from bam.modeling.kv_compression import SnapKVCache  # noqa: PLC0415
+
+    prompt = (Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_text(encoding="utf-8")[:1200]
+    path = models["bam"]
+    tokenizer, model = load_tokenizer(path), load_model(path)
+    encoded = tokenizer(prompt, return_tensors="pt")
+    assert encoded.input_ids.shape[1] > 2 * 64
+    cache = SnapKVCache(model, 64, split=split)
+    output = model.generate(**encoded, cache=cache, max_new_tokens=16, do_sample=False,
+                            pad_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    assert all(layer.kept is not None for layer in cache.layers)  # compressed
+    expected = tokenizer.decode(output[0, encoded.input_ids.shape[1]:], skip_special_tokens=True)
+    assert main(["generate", str(path), "--prompt", prompt, "--max-new-tokens", "16", "--kv-budget", "64",
+                 "--kv-split", split, "--no-stream"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+    uncompressed = model.generate(**encoded, max_new_tokens=16, do_sample=False,
+                                  pad_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    assert not torch.equal(output, uncompressed)  # so the command did compress

@@ -573,3 +573,83 @@ def test_mixing_streams_tensors(tiny_config, random_model, tmp_path):
     assert output_bytes > 0.9 * input_bytes  # bam stacks attention and FFN: almost all of the inputs
     print(f"heap growth {growth_bytes / 1e6:.1f} MB while mixing {input_bytes / 1e6:.0f} MB of experts")
     assert growth_bytes < 0.15 * input_bytes, (growth_bytes, input_bytes)
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper's ablations (METHOD.md 6): BTX with copies of the seed's FFN, top-k attention routing
+
+
+def test_btx_with_weight_0_seed_copies_averages_the_real_models_only(three_experts, tmp_path):
+    """The parameter-matched BTX: the seed (expert 0) repeated twice more, weight 0 in every average.
+    Its averaged tensors are BTX's over the three real models, bit for bit; its FFN experts are the
+    three models' and two more copies of the seed's."""
+    seed = three_experts[0]
+    copies = [*three_experts, seed, seed]
+    assert run_mix("btx", tmp_path / "copies", *copies, options=["--weights", "1,1,1,0,0"]) == 0
+    assert run_mix("btx", tmp_path / "btx", *three_experts) == 0
+    mixed, btx = tensors_of(tmp_path / "copies"), tensors_of(tmp_path / "btx")
+    dense = [tensors_of(p) for p in three_experts]
+    averaged = [p.name for p in parameters(open_model(tmp_path / "copies").config)
+                if tensor_rule(p, "btx").kind == "average"]
+    assert layer_names(0, "attn.q_proj.weight") in averaged and "lm_head.weight" in averaged
+    for name in averaged:
+        assert torch.equal(mixed[name], btx[name]), name
+        torch.testing.assert_close(mixed[name], mean_of(dense, name), atol=1e-6, rtol=1e-6)
+    for i in range(2):
+        for leaf in ("gate_up_proj", "down_proj"):
+            name = layer_names(i, f"ffn.experts.{leaf}")
+            assert torch.equal(mixed[name], torch.cat([dense[j][name] for j in (0, 1, 2, 0, 0)]))
+        assert mixed[layer_names(i, "ffn.router.weight")].shape == (5, 64)
+    # Uniform weights would let the copies pull every average towards the seed: the weights matter.
+    assert run_mix("btx", tmp_path / "uniform", *copies) == 0
+    name = layer_names(0, "attn.q_proj.weight")
+    assert not torch.allclose(tensors_of(tmp_path / "uniform")[name], btx[name], atol=1e-3)
+
+
+def test_btx_with_seed_copies_of_identical_models_equals_the_dense_model(tiny_config, random_model, tmp_path):
+    """METHOD.md 4: renormalized top-k over identical FFN experts is the dense FFN, copies or not."""
+    dense = save_dense(random_model, tiny_config(), tmp_path / "dense")
+    options = ["--top-k", "3", "--renormalize", "--router-init-std", "0.5", "--weights", "1,1,1,0,0"]
+    assert run_mix("btx", tmp_path / "moe", *[dense] * 5, options=options) == 0
+    config = open_model(tmp_path / "moe").config
+    assert (config.n_ffn_experts, config.ffn_top_k, config.n_attn_experts) == (5, 3, 1)
+    torch.testing.assert_close(logits_of(tmp_path / "moe"), logits_of(dense), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["bam", "bam-shared"])
+def test_topk_attention_routing_mix(method, three_experts, tiny_config, random_model, tmp_path):
+    """`--attn-routing topk --attn-top-k K`: the soft mix's tensors, a config routing each token to K
+    attention experts; with identical experts it is the dense model (renormalized gates of identical
+    experts sum to one), with different ones it is not the soft mixture."""
+    options = ["--router-init-std", "0.5"]
+    topk = ["--attn-routing", "topk", "--attn-top-k", "2"]
+    assert run_mix(method, tmp_path / "soft", *three_experts, options=options) == 0
+    assert run_mix(method, tmp_path / "topk", *three_experts, options=[*options, *topk]) == 0
+    config = open_model(tmp_path / "topk").config
+    assert (config.attn_routing, config.attn_top_k, config.n_attn_experts) == ("topk", 2, 3)
+    assert config.kv_shared == (method == "bam-shared")
+    assert open_model(tmp_path / "soft").config.attn_routing == "soft"
+    soft, mixed = tensors_of(tmp_path / "soft"), tensors_of(tmp_path / "topk")
+    assert soft.keys() == mixed.keys() and all(torch.equal(soft[n], mixed[n]) for n in soft)
+    assert (logits_of(tmp_path / "topk") - logits_of(tmp_path / "soft")).abs().max() > 1e-3
+
+    dense = save_dense(random_model, tiny_config(), tmp_path / "dense")
+    for k in ("1", "2"):
+        same = ["--top-k", "2", "--renormalize", *options, "--attn-routing", "topk", "--attn-top-k", k]
+        assert run_mix(method, tmp_path / f"same{k}", dense, dense, dense, options=same) == 0
+        torch.testing.assert_close(logits_of(tmp_path / f"same{k}"), logits_of(dense), atol=1e-5, rtol=0)
+
+
+def test_topk_attention_routing_options_are_checked(tiny_config, random_model, tmp_path, capsys):
+    dense = save_dense(random_model, tiny_config(), tmp_path / "dense")
+    out = tmp_path / "out"
+    cases = [
+        (["btx", ["--attn-routing", "topk"]], ["--attn-routing topk applies to methods with attention experts", "btx"]),
+        (["bam", ["--attn-routing", "topk", "--attn-top-k", "3"]], ["--attn-top-k 3", "(2, one per model directory)"]),
+        (["bam", ["--attn-top-k", "2"]], ["--attn-top-k 2 applies to --attn-routing topk"]),
+    ]
+    for (method, options), needles in cases:
+        assert run_mix(method, out, dense, dense, options=options) == 2
+        assert_refused(capsys, tmp_path, out, *needles)
+    with pytest.raises(SystemExit):  # argparse: not a routing
+        run_mix("bam", out, dense, dense, options=["--attn-routing", "top2"])

@@ -1,18 +1,28 @@
-"""The study's settings and the add-expert experiment's bookkeeping, on hand-made numbers (fast)."""
+"""The study's settings and the add-expert experiment's bookkeeping, on hand-made numbers (fast); the
+paper's ablations as study methods, and one tiny study of every method end to end (a few steps each)."""
 
 import json
 import math
 import re
+import sysconfig
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file
 
+from _train_assets import paragraphs, prose_documents, write_jsonl
 from bam.errors import BamError
-from bam.study.claims import new_expert_share, summarize_add_expert
+from bam.formats.model_dir import open_model
+from bam.mix.rules import tensor_rule
+from bam.modeling.layout import parameters
+from bam.study.claims import check_ablations, new_expert_share, summarize_add_expert
+from bam.study.methods import STUDY_METHODS, recipe
 from bam.study.report import write_report
 from bam.study.results import ADD_EXPERT_ROLES, ModelKey, ModelRuns
-from bam.study.settings import AddExpertSettings, StudySettings, load_pipeline_file
+from bam.study.settings import AddExpertSettings, StudySettings, demo_settings, load_pipeline_file
+from bam.study.study import run_study
 
 DOMAINS = {"general": "builtin", "code": "builtin", "math": "builtin", "legal": "builtin"}
 
@@ -159,3 +169,147 @@ def test_the_readmes_pipeline_example_is_valid(tmp_path):
     settings, out = load_pipeline_file(tmp_path / "PIPELINE.yaml")
     assert settings.pretrain.steps == 0 and settings.seed_model and settings.add_expert.domain == "medical"
     assert out == Path("runs/my-study")
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper's ablations as study methods (bam/study/methods.py)
+
+
+def test_ablation_recipes_match_bams_parameters_by_hand(tiny_config):
+    """Per layer of the conftest shape (d 64, 4 query / 2 KV heads of 16, d_ff 128): one attention is
+    q 64*64 + k, v 32*64 + o 64*64 = 12288; one FFN expert 3*64*128 = 24576 plus its router row 64.
+    BAM over BTX adds N-1 attentions and an attention router of N*64. Embeddings are the same in both."""
+    dense = tiny_config()
+    # N = 4: BAM adds 3*12288 + 256 = 37120 (total and active). Copies: 1 -> 24640 (12480 short),
+    # 2 -> 49280 (12160 over): 2 copies, the paper's 6 experts. Active with 6 experts, top-k adds
+    # (k-1)*24576 + 2*64: k=2 -> 24704 (12416 short), k=3 -> 49280 (12160 over): top-3 of 6, the paper's.
+    assert (recipe("btx-param-matched", dense, 4).n_experts, recipe("btx-param-matched", dense, 4).top_k) == (6, 1)
+    assert (recipe("btx-param-active-matched", dense, 4).n_experts,
+            recipe("btx-param-active-matched", dense, 4).top_k) == (6, 3)
+    assert recipe("btx-2n-experts", dense, 4).n_experts == 8
+    # N = 3: BAM adds 2*12288 + 192 = 24768; one copy adds 24640 (128 short): 1 copy; top-2 of 4 adds
+    # 24576 + 64 = 24640 active: top-2.
+    assert recipe("btx-param-matched", dense, 3).seed_copies == 1
+    assert recipe("btx-param-active-matched", dense, 3).top_k == 2
+    # A wide FFN (d_ff 1024: one expert 196608) against BAM's 24768: still at least one copy.
+    assert recipe("btx-param-matched", tiny_config(intermediate_size=1024), 3).seed_copies == 1
+    plan = recipe("btx-param-matched", dense, 4)
+    assert plan.weights() == [1.0] * 4 + [0.0] * 2
+    assert plan.expert_names(["general", "code", "math", "legal"])[4:] == ["general copy 1", "general copy 2"]
+    top2 = recipe("bam-shared-attn-top2", dense, 4).config(dense)
+    assert (top2.attn_routing, top2.attn_top_k, top2.kv_shared, top2.n_attn_experts) == ("topk", 2, True, 4)
+    assert recipe("bam", dense, 4).config(dense).attn_routing == "soft"
+
+
+def test_ablation_methods_are_settings_of_any_study(tmp_path):
+    path = tmp_path / "PIPELINE.yaml"
+    path.write_text(yaml.safe_dump({"demo": "tiny", "methods": ["btx", "btx-param-matched", "bam-attn-top2"]}))
+    assert load_pipeline_file(path)[0].methods == ["btx", "btx-param-matched", "bam-attn-top2"]
+    assert demo_settings("tiny").methods == ["btx", "bam", "bam-shared"]
+    assert demo_settings("tiny", ablations=True).methods == [
+        "btx", "bam", "bam-shared", "btx-param-matched", "btx-2n-experts", "btx-param-active-matched",
+        "bam-shared-attn-top1", "bam-shared-attn-top2"]
+    with pytest.raises(BamError, match=r"methods: unknown method 'btx-6x1' \(expected btx, bam, bam-shared, "):
+        StudySettings(methods=["btx-6x1"])
+    with pytest.raises(BamError, match=r"methods: bam-attn-top2 needs more than 2 domains .*got 2"):
+        StudySettings(domains={"general": "builtin", "code": "builtin"}, methods=["bam-attn-top2"])
+
+
+def test_ablation_claims_on_hand_made_numbers():
+    """Three seeds of average perplexities, each claim's verdict by hand."""
+    s = StudySettings(methods=["btx", "bam", "bam-shared", "btx-param-matched", "bam-shared-attn-top1"])
+    avg = {("btx", "DM"): [10, 10, 10], ("bam", "DM"): [9, 11, 9], ("btx-param-matched", "DM"): [12, 12, 8],
+           ("btx", "CM"): [10, 10, 10], ("bam-shared", "CM"): [9, 9, 9], ("bam-shared-attn-top1", "CM"): [10, 11, 9.5]}
+    models = {ModelKey.mixture(*key): {"avg_ppl": {"mean": sum(v) / 3, "per_seed": v}} for key, v in avg.items()}
+    claims = check_ablations(models, s, {})["claims"]
+    assert [(c["claim"], c["per_seed"], c["verdict"]) for c in claims] == [
+        # bam 9, 11, 9 vs param-matched 12, 12, 8
+        ("BTX with copies of the seed's FFN at BAM's total parameters does not catch up with BAM",
+         [True, True, False], "seen in 2/3 seeds"),
+        ("soft attention routing beats BTX", [True, True, True], "seen (3/3 seeds)"),
+        # BTX 10 at most top-1's 10, 11, 9.5: a tie counts as "does not beat"
+        ("top-1 attention routing does not beat BTX", [True, True, False], "seen in 2/3 seeds"),
+        ("soft attention routing beats top-1", [True, True, True], "seen (3/3 seeds)"),
+    ]
+    assert check_ablations(models, StudySettings(), {}) is None  # no ablation ran
+
+
+@pytest.fixture(scope="module")
+def ablation_study(tmp_path_factory):
+    """A tiny study of every mixture, the ablations included: three domains of this machine's text
+    (prose, the json package's code, the email package's), a few steps per stage, two seeds."""
+    root = tmp_path_factory.mktemp("ablations")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+
+    def package(name: str) -> list[str]:
+        return [doc for f in sorted((stdlib / name).glob("*.py")) for doc in paragraphs(f.read_text(encoding="utf-8"))]
+
+    domains = {"general": str(write_jsonl(root / "prose.jsonl", prose_documents())),
+               "json": str(write_jsonl(root / "json.jsonl", package("json"))),
+               "email": str(write_jsonl(root / "email.jsonl", package("email")))}
+    train = {"steps": 4, "batch_size": 4, "lr": 0.003, "warmup": 1, "save_every": 4}
+    settings = StudySettings(domains=domains, preset="tiny", vocab_size=300, seq_len=32, pretrain=train,
+                             cpt=train, mixture={**train, "steps": 6}, methods=list(STUDY_METHODS),
+                             eval_max_tokens=256, eval_batch_size=4, routing_max_tokens=128, seeds=[0, 1])
+    out = root / "run"
+    run_study(settings, out)
+    return out, json.loads((out / "report" / "report.json").read_text())
+
+
+def test_ablation_study_reports_each_claims_verdict(ablation_study):
+    out, report = ablation_study
+    models, claims = report["models"], report["ablations"]["claims"]
+    # Every method ran data- and compute-matched, evaluated on every domain.
+    assert {(m["method"], m["setting"]) for m in models.values() if m["group"] == "moe"} == {
+        (method, setting) for method in STUDY_METHODS for setting in ("DM", "CM")}
+    assert all(set(m["perplexity"]) == {"general", "json", "email"} for m in models.values())
+    # One claim per comparison the paper makes about what ran: 4 about parameter-matched BTX; for
+    # each of bam and bam-shared, soft beats BTX, and per top-k, it does not beat BTX and soft beats it.
+    assert len(claims) == 4 + 2 * (1 + 2 * 2)
+    md = (out / "report" / "report.md").read_text()
+    for claim in claims:
+        # The verdict, recomputed from the two models' per-seed average perplexities.
+        a, b = (models[claim[side]]["avg_ppl"]["per_seed"] for side in ("a", "b"))
+        holds = [x < y if claim["relation"] == "<" else x <= y for x, y in zip(a, b)]
+        assert claim["per_seed"] == holds and len(holds) == 2
+        expected = {2: "seen (2/2 seeds)", 0: "not seen (0/2 seeds)", 1: "seen in 1/2 seeds"}[sum(holds)]
+        assert claim["verdict"] == expected
+        assert f"| {claim['claim']} | {claim['a']} " in md and f" | {expected} |" in md
+        # The paper's parameter-matched table is data-matched, its routing table compute-matched.
+        setting = "(CM)" if "attention routing" in claim["claim"] else "(DM)"
+        assert claim["a"].endswith(setting) and claim["b"].endswith(setting)
+    assert " ± " in md.split("## The paper's ablations")[1].split("## ")[0]  # the spread over the two seeds
+
+
+def test_ablation_study_mixes_what_the_recipes_say(ablation_study):
+    """The extra-copy BTX: its averaged tensors are BTX's (the real models' average, bit for bit), its
+    FFN experts the domain experts' and the seed's copies; total parameters closest to BAM's."""
+    out, report = ablation_study
+    recipes = report["ablations"]["recipes"]
+    cost = {name: m["cost"] for name, m in report["models"].items()}
+    expert = (cost["BTX 2N experts (DM)"]["params_total"] - cost["BTX (DM)"]["params_total"]) / 3  # one FFN expert
+    matched, bam = cost["BTX param-matched (DM)"]["params_total"], cost["BAM KV experts (DM)"]["params_total"]
+    copies = recipes["btx-param-matched"]["seed_copies"]
+    assert copies >= 1 and abs(matched - bam) <= abs(matched + expert - bam)
+    assert copies == 1 or abs(matched - bam) <= abs(matched - expert - bam)
+    stages = sorted(out.glob("stages/mix-btx-param-matched-*"))
+    assert len(stages) == 2  # one per seed
+    for stage in stages:
+        mix_json = json.loads((stage / "model" / "mix.json").read_text())
+        assert mix_json["weights"] == [1 / 3] * 3 + [0.0] * copies
+        assert mix_json["sources"][3:] == [mix_json["sources"][0]] * copies  # the seed, the general expert
+        btx = next(p for p in out.glob("stages/mix-btx-*") if re.fullmatch(r"mix-btx-[0-9a-f]{12}", p.name)
+                   and json.loads((p / "model" / "mix.json").read_text())["seed"] == mix_json["seed"])
+        mixed, plain = (load_file(str(d / "model" / "model.safetensors")) for d in (stage, btx))
+        config = open_model(stage / "model").config
+        assert config.n_ffn_experts == 3 + copies and config.ffn_top_k == 1
+        averaged = [p.name for p in parameters(config) if tensor_rule(p, "btx").kind == "average"]
+        assert "model.layers.0.attn.q_proj.weight" in averaged
+        for name in averaged:
+            assert torch.equal(mixed[name], plain[name]), name
+        down = "model.layers.0.ffn.experts.down_proj"
+        assert torch.equal(mixed[down][:3], plain[down])
+        assert torch.equal(mixed[down][3:], plain[down][:1].expand(copies, *plain[down].shape[1:]))
+    for method, k in (("bam-shared-attn-top1", 1), ("bam-attn-top2", 2)):
+        config = json.loads(next(out.glob(f"stages/mix-{method}-*/model/config.json")).read_text())
+        assert (config["attn_routing"], config["attn_top_k"], config["n_attn_experts"]) == ("topk", k, 3)

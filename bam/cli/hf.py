@@ -42,6 +42,11 @@ def register(subparsers) -> None:
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (default 0 = off)")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--kv-budget", default=None, metavar="B",
+                   help="compress the prompt's KV cache with SnapKV to B positions per KV head: tokens (512) or "
+                        "a fraction of the prompt (0.25); docs/kv-compression.md")
+    p.add_argument("--kv-split", default="even", choices=("even", "gate"),
+                   help="with KV experts, split the budget evenly (default) or by the router's gates")
     p.add_argument("--no-stream", dest="stream", action="store_false",
                    help="print the text once at the end instead of token by token")
     p.set_defaults(func=run_generate)
@@ -61,5 +66,6 @@ def run_generate(args) -> int:
     from bam.eval.generate import generate  # noqa: PLC0415
 
     generate(args.model, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-             top_p=args.top_p, top_k=args.top_k, seed=args.seed, stream=args.stream, device=args.device)
+             top_p=args.top_p, top_k=args.top_k, seed=args.seed, stream=args.stream, device=args.device,
+             kv_budget=args.kv_budget, kv_split=args.kv_split)
     return 0

@@ -9,10 +9,12 @@ from pathlib import Path
 
 from bam.errors import BamError
 from bam.formats.model_dir import open_model
+from bam.mix.adapter_mix import ADAPTER_METHODS, mix_adapters
 from bam.mix.mixing import mix, source_dtype
 from bam.mix.nexus import DomainEmbeddings
 from bam.mix.provenance import PROVENANCE_NAME
 from bam.mix.rules import METHODS, NEXUS_METHODS
+from bam.modeling.config import ATTN_MIXINGS, ATTN_ROUTINGS
 from bam.modeling import cost
 
 
@@ -22,18 +24,35 @@ def register(subparsers) -> None:
         description="Mix dense models branched from one seed into one Mixture-of-Experts (METHOD.md 3). "
                     "btx/bam/bam-shared make one expert per DIR; upcycle copies one DIR's FFN N times.",
     )
-    p.add_argument("dirs", nargs="+", metavar="DIR", help="dense model directories (ours or Hugging Face)")
+    p.add_argument("dirs", nargs="+", metavar="DIR",
+                   help="dense model directories (ours or Hugging Face), or with --base the adapter directories")
     p.add_argument("--method", required=True, choices=METHODS)
     p.add_argument("--out", required=True, type=Path, help="output model directory")
     p.add_argument("--top-k", type=int, default=1, help="FFN experts per token (default 1, as BAM)")
     p.add_argument("--renormalize", action=argparse.BooleanOptionalAction, default=False,
                    help="renormalize the top-k gates to sum to 1 (Mixtral/original BTX); default off, as BAM")
     p.add_argument("--num-experts", type=int, default=None, help="number of FFN copies (upcycle)")
+    p.add_argument("--attn-routing", choices=ATTN_ROUTINGS, default="soft",
+                   help="attention experts' routing (bam methods): soft over all (default, as BAM) or topk, "
+                        "the paper's ablation")
+    p.add_argument("--attn-top-k", type=int, default=1,
+                   help="attention experts per token with --attn-routing topk (gates renormalized; default 1)")
     p.add_argument("--router-init-std", type=float, default=0.02, help="std of the new routers (default 0.02)")
     p.add_argument("--seed", type=int, default=0, help="seed of the new routers")
     p.add_argument("--weights", type=_weights, default=None, metavar="W1,W2,..",
                    help="weighted instead of uniform average of the shared parameters, one weight per DIR")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    adapters = p.add_argument_group(
+        "adapter experts (--base SEED, then one PEFT/bam adapter DIR per expert; btx, bam, bam-shared)")
+    adapters.add_argument("--base", type=Path, metavar="SEED",
+                          help="the seed the adapters were trained on: expert j is SEED plus adapter j")
+    adapters.add_argument("--base-expert", action=argparse.BooleanOptionalAction, default=True,
+                          help="the seed itself (a zero adapter) is also an expert, the general one (default on)")
+    adapters.add_argument("--attn-mixing", choices=ATTN_MIXINGS, default="outputs",
+                          help="how attention experts mix: their outputs (BAM, default) or their "
+                               "parameters (MoLoRA/MoV: one attention, one KV cache)")
+    adapters.add_argument("--materialize", action="store_true",
+                          help="write the equivalent MoE of full experts (each W + delta_j) instead")
     nexus = p.add_argument_group(
         "Nexus (--method nexus, nexus-bam, nexus-bam-shared): the seed DIR first (its FFN becomes the shared "
         "expert), then one DIR per domain expert")
@@ -76,11 +95,15 @@ def run_mix(args) -> int:
                        f"not {args.method}")
     else:
         embeddings = None
+    if args.base is not None:
+        return _mix_adapters(args)
+    if args.materialize or args.attn_mixing != "outputs" or not args.base_expert:
+        raise BamError("--materialize, --attn-mixing and --no-base-expert apply to adapter experts (--base SEED)")
     sources = [open_model(d) for d in args.dirs]
     out = mix(sources, args.method, args.out, top_k=args.top_k, renormalize=args.renormalize,
               num_experts=args.num_experts, router_init_std=args.router_init_std, seed=args.seed,
               weights=args.weights, overwrite=args.overwrite, domain_embeddings=embeddings,
-              nexus_hidden_dim=args.nexus_hidden_dim)
+              nexus_hidden_dim=args.nexus_hidden_dim, attn_routing=args.attn_routing, attn_top_k=args.attn_top_k)
     config = open_model(out).config
     params = (f"params {_count(cost.params_total(config))} total, {_count(cost.params_active(config))} active; "
               f"provenance in {out / PROVENANCE_NAME}")
@@ -92,9 +115,31 @@ def run_mix(args) -> int:
         return 0
     attention = ("one shared attention" if config.n_attn_experts == 1 else
                  f"{config.n_attn_experts} attention experts ({'shared' if config.kv_shared else 'own'} K/V)")
+    if config.attn_routing == "topk":
+        attention += f" top-{config.attn_top_k}"
     gates = "renormalized" if config.ffn_renormalize else "not renormalized"
     print(f"wrote {out} ({args.method}): {attention}, {config.n_ffn_experts} FFN experts top-{config.ffn_top_k} "
           f"{gates}; {params}")
+    return 0
+
+
+def _mix_adapters(args) -> int:
+    if args.method not in ADAPTER_METHODS:
+        raise BamError(f"--method {args.method} with --base: expected one of {', '.join(ADAPTER_METHODS)}")
+    if args.weights or args.num_experts or args.domain_embeddings or args.attn_routing != "soft":
+        raise BamError("--weights, --num-experts, --domain-embeddings and --attn-routing do not apply to adapter experts")
+    out = mix_adapters(open_model(args.base), args.dirs, args.method, args.out, base_expert=args.base_expert,
+                       attn_mixing=args.attn_mixing, top_k=args.top_k, renormalize=args.renormalize,
+                       router_init_std=args.router_init_std, seed=args.seed, materialize=args.materialize,
+                       overwrite=args.overwrite)
+    config = open_model(out).config
+    experts = "full experts" if args.materialize else f"{config.adapter} adapter experts"
+    attention = ("one attention" if config.n_attn_experts == 1 else
+                 f"{config.n_attn_experts} attention experts ({'shared' if config.kv_shared else 'own'} K/V, "
+                 f"mixing {config.attn_mixing})")
+    print(f"wrote {out} ({args.method} of {len(args.dirs)} adapters{' and the seed' if args.base_expert else ''}, "
+          f"{experts}): {attention}, {config.n_ffn_experts} FFN experts top-{config.ffn_top_k}; params "
+          f"{_count(cost.params_total(config))} total, {_count(cost.params_active(config))} active")
     return 0
 
 
@@ -119,11 +164,20 @@ def _table(s: dict) -> str:
     attention = f"{c['num_attention_heads']} heads, {c['num_key_value_heads']} KV heads, head_dim {c['head_dim']}"
     if c["n_attn_experts"] > 1:
         kv = "KV shared" if c["kv_shared"] else "KV experts"
-        attention += f"; {c['n_attn_experts']} experts, {kv}, {c['attn_routing']} routing"
+        attention += f"; {c['n_attn_experts']} experts, {kv}, {c['attn_routing']} routing, mixing {c['attn_mixing']}"
     ffn = f"d_ff {c['intermediate_size']}"
     if c["n_ffn_experts"] > 1:
         norm = "renormalized" if c["ffn_renormalize"] else "not renormalized"
         ffn += f"; {c['n_ffn_experts']} experts, top-{c['ffn_top_k']}, {norm}"
+    adapter, full = c["adapter"], s["full_experts"]  # full: the costs of adapter experts materialized
+    if adapter:
+        kind = f"lora rank {c['lora_rank']} (alpha {c['lora_alpha']:g})" if adapter == "lora" else adapter
+        experts = " per expert" if c["adapter_experts"] else ""
+        targets = ", ".join(t.removesuffix("_proj") for t in c["adapter_targets"])
+        held = " (the seed's weights held once)" if c["adapter_experts"] else ""
+        adapter = f"{kind}{experts} on {targets}{held}: {_count(s['params_adapter'])} of the parameters"
+    sets = c["n_kv_caches"]
+    kv_sets = f"; {sets} K/V set{'s' if sets > 1 else ''} per layer" if c["n_attn_experts"] > 1 else ""
     rows = [
         ("model", f"{s['path']} ({s['family']} checkpoint)"),
         ("layout", c["layout"]),
@@ -132,11 +186,13 @@ def _table(s: dict) -> str:
         ("attention", attention),
         ("ffn", ffn),
         ("params", f"{_count(s['params_total'])} total, {_count(s['params_active'])} active per token"),
-        *([("adapter", f"{c['adapter']} on {', '.join(c['adapter_targets'])}: {_count(s['params_adapter'])} of the "
-                                f"parameters")] if c["adapter"] else []),
+        *([("adapter", adapter)] if adapter else []),
         ("flops/token", f"{_count(s['flops_per_token'])} inference, {_count(s['training_flops_per_token'])} "
                         f"training (n_ctx {s['n_ctx']})"),
-        ("kv cache", f"{s['kv_cache_bytes_per_token']:,} bytes/token ({s['dtype_bytes']} bytes/element)"),
+        ("kv cache", f"{s['kv_cache_bytes_per_token']:,} bytes/token ({s['dtype_bytes']} bytes/element){kv_sets}"),
+        *([("as full experts", f"{_count(full['params_total'])} total, {_count(full['params_active'])} active, "
+                               f"{_count(full['flops_per_token'])} flops/token, "
+                               f"{full['kv_cache_bytes_per_token']:,} KV bytes/token")] if full else []),
     ]
     width = max(len(key) for key, _ in rows)
     return "\n".join(f"{key:<{width}}  {value}" for key, value in rows)

@@ -19,6 +19,10 @@ def register(subparsers) -> None:
     demo.add_argument("--seeds", default=None,
                       help="comma-separated seeds, e.g. 0,1,2: the study is repeated per seed "
                            "and the report gives mean and spread")
+    demo.add_argument("--ablations", action="store_true",
+                      help="also the paper's ablations (METHOD.md 6, Tables 4-6): BTX with copies of the seed's "
+                           "FFN matching BAM's total (and active) parameters, BTX with 2N experts, BAM KV sharing "
+                           "with top-1 and top-2 attention routing; the report checks the paper's claims about them")
     demo.set_defaults(func=cmd_demo)
 
 
@@ -49,5 +53,5 @@ def cmd_run(args) -> int:
 def cmd_demo(args) -> int:
     from bam.study.study import run_demo  # noqa: PLC0415
 
-    run_demo(args.preset, Path(args.out), _seeds(args.seeds))
+    run_demo(args.preset, Path(args.out), _seeds(args.seeds), ablations=args.ablations)
     return 0

@@ -148,8 +148,9 @@ def _register_train(subparsers) -> None:
                    help="load-balancing loss coefficient; unset keeps the model config's")
     p.add_argument("--z-loss-coef", type=float, default=None,
                    help="router z-loss coefficient; unset keeps the model config's")
-    p.add_argument("--train-only", default="all", metavar="GROUPS",
-                   help=f"comma-separated groups ({', '.join(TRAIN_GROUPS)}) or name patterns")
+    p.add_argument("--train-only", default=None, metavar="GROUPS",
+                   help=f"comma-separated groups ({', '.join(TRAIN_GROUPS)}) or name patterns; default all, "
+                        f"but routers,adapter for a mixture of adapter experts (the seed stays frozen)")
     adapter = p.add_argument_group("adapter: train only a LoRA or (IA)³ adapter on the frozen MODEL; "
                                    "OUT/model is then a PEFT adapter directory (adapter_config.json, adapter_model.safetensors)")
     adapter.add_argument("--adapter", choices=("lora", "ia3"), default=None, help="the adapter to train")

@@ -17,6 +17,8 @@ from transformers import TextStreamer
 from bam.formats.model_dir import load_model, open_model
 from bam.errors import BamError
 from bam.data.tokenizer import load_tokenizer
+from bam.modeling.kv_compression import SnapKV, SnapKVCache, parse_budget
+from bam.modeling.transformers_compat import cache_name
 
 
 def decoding_kwargs(max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0) -> dict:
@@ -52,9 +54,12 @@ def load_for_generation(model_dir: str | Path, device: str | None = None):
 
 def generate(model_dir: str | Path, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stream: bool = True,
-             device: str | None = None, file=None) -> str:
-    """Continue `prompt`; prints the continuation (token by token when streaming) and returns it."""
+             device: str | None = None, file=None, kv_budget: str | None = None, kv_split: str = "even") -> str:
+    """Continue `prompt`; prints the continuation (token by token when streaming) and returns it.
+    `kv_budget` (tokens, or a fraction like "0.25"): compress the prompt's KV cache with SnapKV
+    (bam/modeling/kv_compression.py), its budget split across KV experts by `kv_split`."""
     kwargs = decoding_kwargs(max_new_tokens, temperature, top_p, top_k)
+    press = None if kv_budget is None else SnapKV(parse_budget(kv_budget), split=kv_split)  # checked before loading
     model, tokenizer = load_for_generation(model_dir, device)
     encoded = tokenizer(prompt, return_tensors="pt").to(model.device)
     if encoded.input_ids.shape[1] == 0:
@@ -65,6 +70,8 @@ def generate(model_dir: str | Path, prompt: str, max_new_tokens: int = 64, tempe
     if seed is not None:
         torch.manual_seed(seed)  # generate() samples from torch's global generator
     streamer = _Streamer(tokenizer, file or sys.stdout) if stream else None
+    if press is not None:
+        kwargs[cache_name()] = SnapKVCache(model, press.budget, press.window, press.kernel, press.pooling, press.split)
     with torch.no_grad():
         output = model.generate(**encoded, **kwargs, eos_token_id=eos, pad_token_id=pad, streamer=streamer)
     text = tokenizer.decode(output[0, encoded.input_ids.shape[1]:], skip_special_tokens=True)

@@ -119,6 +119,9 @@ def export_blockers(config: BamConfig, fmt: str) -> list[tuple[str, str]]:
         kind = "shared K/V" if config.kv_shared else "KV experts"
         reasons.append((f"this model has {config.n_attn_experts} attention experts (BAM, {kind}) and "
                         f"{fmt} one attention per layer", "hf"))
+    if config.adapter_experts:
+        reasons.append((f"this model's experts are the seed plus an adapter each and {fmt} holds full experts "
+                        f"(`bam mix --materialize` writes them)", "hf"))
     if config.ffn_router not in ("linear", "nexus"):
         reasons.append((f"ffn_router={config.ffn_router!r} and {fmt} has a linear router only", "hf"))
     if config.ffn_shared_expert and fmt == "mixtral":

@@ -44,7 +44,7 @@ from bam.io.tensor_files import StreamingSafetensorsWriter, WEIGHTS_NAME
 from bam.mix.mixing import _one_compute_thread, progress_disabled, source_dtype
 from bam.mix.provenance import write_provenance
 from bam.mix.rules import new_router, router_seed
-from bam.modeling.config import ATTN_MIXINGS, BamConfig, config_from_dict
+from bam.modeling.config import ATTN_MIXINGS, BamConfig, config_from_dict, full_experts_config
 from bam.modeling.layout import Param, adapted_projections, parameters
 from bam.train.fingerprint import model_fingerprint
 
@@ -294,11 +294,7 @@ def materialized(config: BamConfig, read: Reader) -> tuple[BamConfig, list[Param
     """The full-expert MoE computing what the adapter-expert model (config, read) computes: its
     config, tensors and a reader of them. Expert j of each projection is W + delta_j; tensors of
     one copy that the full layout keeps per expert (q/k norms) are repeated."""
-    if not config.adapter_experts:
-        raise BamError("materialize takes a model of adapter experts (config field adapter_experts)")
-    fields = config.to_dict()
-    fields.update(adapter=None, adapter_targets=None, lora_rank=None, lora_alpha=None, adapter_experts=False)
-    full = config_from_dict(fields, "materialized config")
+    full = full_experts_config(config)
     adapted = {}  # weight or bias name of the full layout -> (projection, adapter prefix, stack dim)
     for layer in range(config.num_hidden_layers):
         for name, (weight, prefix, dim) in projection_tensors(config, layer).items():

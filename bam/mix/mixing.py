@@ -30,7 +30,7 @@ from bam.io.tensor_files import SafetensorsFiles, StreamingSafetensorsWriter, WE
 from bam.mix.nexus import DomainEmbeddings
 from bam.mix.provenance import write_provenance
 from bam.mix.rules import METHODS, NEXUS_METHODS, average, new_router, stack, tensor_rule
-from bam.modeling.config import COMPATIBILITY_FIELDS, BamConfig, config_from_dict
+from bam.modeling.config import ATTN_ROUTINGS, COMPATIBILITY_FIELDS, BamConfig, config_from_dict
 from bam.modeling.layout import Param, parameter_shapes, parameters
 
 # Load-balancing coefficient the Nexus paper trains with (METHOD.md 3.1); btx/bam keep the dense
@@ -45,11 +45,14 @@ NEXUS_AUX_LOSS_COEF = 0.05
 def mixed_config(dense: BamConfig, method: str, n_experts: int, top_k: int = 1,
                  renormalize: bool = False, router_init_std: float = 0.02,
                  domain_embeddings: DomainEmbeddings | None = None,
-                 nexus_hidden_dim: int | None = None) -> BamConfig:
+                 nexus_hidden_dim: int | None = None, attn_routing: str = "soft",
+                 attn_top_k: int = 1) -> BamConfig:
     """The dense config with N routed FFN experts, plus attention experts for the bam methods.
 
     bam / bam-shared have N attention experts; the Nexus methods have N routed experts plus the
     shared one, so nexus-bam / nexus-bam-shared have N+1 attention experts (one per model).
+    `attn_routing="topk"` with `attn_top_k` K routes each token to K attention experts instead of
+    all of them (the paper's ablation; check_request refuses it for methods without attention experts).
     """
     check_method(method)
     nexus = method in NEXUS_METHODS
@@ -58,8 +61,8 @@ def mixed_config(dense: BamConfig, method: str, n_experts: int, top_k: int = 1,
     fields.update(
         n_attn_experts=n_models if method.endswith(("bam", "bam-shared")) else 1,
         kv_shared=method.endswith("bam-shared"),
-        attn_routing="soft",  # METHOD.md 3.2: soft routing; top-k attention is an ablation only
-        attn_top_k=1,
+        attn_routing=attn_routing,  # METHOD.md 3.2: soft by default; top-k attention is an ablation only
+        attn_top_k=attn_top_k,
         n_ffn_experts=n_experts,
         ffn_top_k=top_k,
         ffn_renormalize=renormalize,
@@ -87,9 +90,11 @@ def check_method(method: str) -> None:
 
 def check_request(sources: Sequence[ModelSource], method: str, num_experts: int | None,
                   top_k: int, weights: Sequence[float] | None, router_init_std: float,
-                  domain_embeddings: DomainEmbeddings | None = None) -> int:
+                  domain_embeddings: DomainEmbeddings | None = None, attn_routing: str = "soft",
+                  attn_top_k: int = 1) -> int:
     """Validate the options against the sources; returns N, the number of (routed) FFN experts."""
     check_method(method)
+    check_attention_routing(method, len(sources), attn_routing, attn_top_k)
     if method not in NEXUS_METHODS and domain_embeddings is not None:
         raise BamError(f"--domain-embeddings applies to the nexus methods, not {method}")
     if method in NEXUS_METHODS:
@@ -122,6 +127,22 @@ def check_request(sources: Sequence[ModelSource], method: str, num_experts: int 
             raise BamError(f"--weights {','.join(map(str, weights))}: expected non-negative numbers "
                            f"with a positive sum")
     return n_experts
+
+
+def check_attention_routing(method: str, n_sources: int, attn_routing: str, attn_top_k: int) -> None:
+    """Top-k attention routing needs attention experts to route among: one per source of the bam methods."""
+    if attn_routing not in ATTN_ROUTINGS:
+        raise BamError(f"--attn-routing {attn_routing!r}: expected one of {', '.join(ATTN_ROUTINGS)}")
+    if attn_routing == "soft":
+        if attn_top_k != 1:
+            raise BamError(f"--attn-top-k {attn_top_k} applies to --attn-routing topk (soft routing uses every expert)")
+        return
+    if not method.endswith(("bam", "bam-shared")):
+        raise BamError(f"--attn-routing topk applies to methods with attention experts "
+                       f"(bam, bam-shared, nexus-bam, nexus-bam-shared), not {method}")
+    if not 1 <= attn_top_k <= n_sources:
+        raise BamError(f"--attn-top-k {attn_top_k}: expected between 1 and the number of attention experts "
+                       f"({n_sources}, one per model directory)")
 
 
 def check_nexus_request(sources: Sequence[ModelSource], method: str, num_experts: int | None,
@@ -229,24 +250,27 @@ def mix(sources: Sequence[ModelSource], method: str, out: str | Path, *, top_k: 
         renormalize: bool = False, num_experts: int | None = None, router_init_std: float = 0.02,
         seed: int = 0, weights: Sequence[float] | None = None, overwrite: bool = False,
         progress: bool | None = None, domain_embeddings: DomainEmbeddings | None = None,
-        nexus_hidden_dim: int | None = None) -> Path:
+        nexus_hidden_dim: int | None = None, attn_routing: str = "soft", attn_top_k: int = 1) -> Path:
     """Write the MoE mixed from `sources` to `out`; returns `out`.
 
     btx, bam and bam-shared make one expert per source (N = len(sources); pass a directory twice to
     use it twice); upcycle copies one source's FFN into `num_experts` experts. The Nexus methods
     take the seed first and one routed expert per further source; `domain_embeddings` holds one
     vector per routed expert, in their order, and `nexus_hidden_dim` is h' (default: hidden_size).
+    `attn_routing="topk"` routes each token to `attn_top_k` of the attention experts (bam methods; an
+    ablation, METHOD.md 3.2): the tensors are those of soft routing, only the config differs.
     The output has the sources' dtype (that of the first source; other sources are cast to it),
     the first source's tokenizer, and a mix.json recording how it was made. `progress=None` shows a
     bar on a terminal.
     """
     out = Path(out)
-    n_experts = check_request(sources, method, num_experts, top_k, weights, router_init_std, domain_embeddings)
+    n_experts = check_request(sources, method, num_experts, top_k, weights, router_init_std, domain_embeddings,
+                              attn_routing, attn_top_k)
     check_sources(sources)
     check_tokenizers(sources)
     check_output(out, sources, overwrite)
     config = mixed_config(sources[0].config, method, n_experts, top_k, renormalize, router_init_std,
-                          domain_embeddings, nexus_hidden_dim)
+                          domain_embeddings, nexus_hidden_dim, attn_routing, attn_top_k)
     dtype = source_dtype(sources[0])
     config.dtype = dtype
 

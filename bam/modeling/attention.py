@@ -279,6 +279,19 @@ class MixtureOfAttention(nn.Module):
         n_proj = self.n_experts if name == "q_proj" else self.n_kv_experts
         return self.adapter.expert_outputs(name, h_ND, y_NO, n_proj).reshape(B, T, -1)
 
+    def heads(self, name: str, h_BTD: torch.Tensor, gates_BTE: torch.Tensor | None = None) -> torch.Tensor:
+        """Queries (q_proj) or keys (k_proj) of h per expert and head, [B, T, E_p, heads, A], after
+        their q/k norm (qk_norm) and before RoPE; `gates_BTE` as in `project`."""
+        B, T = h_BTD.shape[:2]
+        n_heads = self.n_heads if name == "q_proj" else self.n_kv_heads
+        x_BTEHA = self.project(name, h_BTD, gates_BTE).view(B, T, -1, n_heads, self.head_dim)
+        norm = self.q_norm if name == "q_proj" else self.k_norm
+        if norm is None:
+            return x_BTEHA
+        if self.qk_norm_per_head:  # each head's values
+            return norm(x_BTEHA)
+        return norm(x_BTEHA.flatten(-2)).view_as(x_BTEHA)  # all of an expert's heads together
+
     def output(self, o_BTEHA: torch.Tensor, gates_BTE: torch.Tensor | None) -> torch.Tensor:
         """sum_j g_j W_o,j o_j: the output projection of the gated experts' attention outputs (one
         attention's output o for every expert with attn_mixing='parameters')."""
@@ -308,13 +321,8 @@ class MixtureOfAttention(nn.Module):
         group = self.n_heads // self.n_kv_heads
         # (B, T, E, H_kv, group, A) -> heads in the order SDPA's GQA grouping needs.
         head_order = (0, 3, 2, 4, 1, 5) if self.kv_shared and E > 1 else (0, 2, 3, 4, 1, 5)
-        q_BTEHA = self.project("q_proj", h_BTD, mixing_gates_BTE).view(B, T, E, self.n_heads, self.head_dim)
-        k_BTEHA = self.project("k_proj", h_BTD, mixing_gates_BTE).view(B, T, -1, self.n_kv_heads, self.head_dim)
-        if self.q_norm is not None and self.qk_norm_per_head:  # qk_norm: each head's query and key, before RoPE
-            q_BTEHA, k_BTEHA = self.q_norm(q_BTEHA), self.k_norm(k_BTEHA)
-        elif self.q_norm is not None:  # all of an expert's heads together
-            q_BTEHA = self.q_norm(q_BTEHA.flatten(-2)).view_as(q_BTEHA)
-            k_BTEHA = self.k_norm(k_BTEHA.flatten(-2)).view_as(k_BTEHA)
+        q_BTEHA = self.heads("q_proj", h_BTD, mixing_gates_BTE)
+        k_BTEHA = self.heads("k_proj", h_BTD, mixing_gates_BTE)
         q = q_BTEHA.view(B, T, E, self.n_kv_heads, group, self.head_dim)
         q_BHTA = q.permute(head_order).reshape(B, E * self.n_heads, T, self.head_dim)
         k_BHSA = k_BTEHA.view(B, T, -1, self.head_dim).transpose(1, 2)

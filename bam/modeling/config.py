@@ -453,3 +453,14 @@ def config_from_dict(config_dict: dict, where: Path | str) -> BamConfig:
         raise BamError(f"{where}: {err}") from None
     except (TypeError, ValueError) as err:
         raise BamError(f"{where}: invalid config ({first_line(err)})") from None
+
+
+def full_experts_config(config: BamConfig) -> BamConfig:
+    """The MoE of full experts that computes what the adapter-expert `config` does, expert j holding
+    the seed's weights with adapter j merged: the config `bam mix --materialize` writes
+    (bam/mix/adapter_mix.py materialized), routing and attention mixing unchanged."""
+    need(config.adapter_experts, "config field adapter_experts", config.adapter_experts,
+         "true (a model of adapter experts, whose full-expert twin this is)")
+    fields = config.to_dict()
+    fields.update(adapter=None, adapter_targets=None, lora_rank=None, lora_alpha=None, adapter_experts=False)
+    return config_from_dict(fields, "full-expert twin of an adapter-expert config")

@@ -6,9 +6,11 @@ report can say how stable they are. `assemble` builds the `results` that report.
 from __future__ import annotations
 
 import json
+import operator
 import statistics
 from pathlib import Path
 
+from bam.study.methods import ATTENTION_TOPK
 from bam.study.report import METHOD_LABELS, model_label
 from bam.study.results import ADD_EXPERT_ROLES, ModelKey, ModelRuns
 from bam.study.settings import StudySettings
@@ -20,8 +22,9 @@ def _stat(values: list[float]) -> dict:
 
 
 def assemble(settings: StudySettings, runs: dict[ModelKey, ModelRuns], corpus: dict, provenance: dict,
-             title: str) -> dict:
-    """The study's results (report.py's input): `runs` in the order they were recorded, summarized."""
+             title: str, recipes: dict[str, dict] | None = None) -> dict:
+    """The study's results (report.py's input): `runs` in the order they were recorded, summarized.
+    `recipes`: how each ablation method was mixed (Study.recipe_record), for the ablations section."""
     domains = list(settings.domains)
     models = {}
     for key, model in runs.items():
@@ -44,7 +47,8 @@ def assemble(settings: StudySettings, runs: dict[ModelKey, ModelRuns], corpus: d
                f"{settings.seq_len} tokens (data-matched).")
     return {"title": title, "summary": summary, "domains": domains, "seeds": settings.seeds,
             "settings": settings.record(), "corpus": corpus, "provenance": provenance, "models": models,
-            "ordering": ordering, "add_expert": summarize_add_expert(settings, runs)}
+            "ordering": ordering, "add_expert": summarize_add_expert(settings, runs),
+            "ablations": check_ablations(models, settings, recipes or {})}
 
 
 def check_ordering(models: dict[ModelKey, dict], domains: list[str], settings: StudySettings) -> dict:
@@ -73,6 +77,69 @@ def check_ordering(models: dict[ModelKey, dict], domains: list[str], settings: S
         checks[f"expert {domain} best dense on {domain}"] = wins
         lines.append(f"{model_label(expert)} is the best dense model on {domain}: {sum(wins)}/{n_seeds} seeds")
     return {"checks": checks, "lines": lines}
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper's ablations (METHOD.md section 6, Tables 4-6; bam/study/methods.py)
+
+# The paper's average perplexities (its small scale, 4 domains) that each claim rests on.
+PAPER_AVG_PPL = {"bam": 9.71, "btx": 10.73, "btx-param-matched": 11.41, "btx-2n-experts": 11.18,
+                 "btx-param-active-matched": 9.85}  # parameter-matched table: data-matched, mean of 4 domains
+PAPER_ROUTING_AVG_PPL = {"btx": 10.72, "soft": 10.47, 1: 10.81, 2: 10.72}  # attention routing, compute-matched
+RELATIONS = {"<": operator.lt, "<=": operator.le}
+
+
+def ablation_claims(methods: list[str], compute_matched: bool) -> list[dict]:
+    """The paper's claims about the ablations among `methods`, each "a's average perplexity is below
+    b's" (relation "<") or "a's is at most b's" ("<=", for "b does not beat a"), in one setting:
+    the parameter-matched table is data-matched, the routing table compute-matched (DM when the study
+    does not compute-match)."""
+    claims = []
+
+    def claim(text: str, a: str, b: str, setting: str, paper: tuple[float, float], relation: str = "<") -> None:
+        if a in methods and b in methods:
+            claims.append({"claim": text, "a": ModelKey.mixture(a, setting), "b": ModelKey.mixture(b, setting),
+                           "relation": relation, "paper": paper})
+
+    p = PAPER_AVG_PPL
+    claim("BTX with copies of the seed's FFN at BAM's total parameters does not catch up with BAM",
+          "bam", "btx-param-matched", "DM", (p["bam"], p["btx-param-matched"]))
+    claim("BTX with twice the experts (copies of the seed's FFN) does not catch up with BAM",
+          "bam", "btx-2n-experts", "DM", (p["bam"], p["btx-2n-experts"]))
+    claim("BTX at BAM's total and active parameters (top-k of the copies) comes closer to BAM than BTX",
+          "btx-param-active-matched", "btx", "DM", (p["btx-param-active-matched"], p["btx"]))
+    claim("BTX at BAM's total and active parameters (top-k of the copies) stays behind BAM",
+          "bam", "btx-param-active-matched", "DM", (p["bam"], p["btx-param-active-matched"]))
+    routing = "CM" if compute_matched else "DM"
+    r = PAPER_ROUTING_AVG_PPL
+    for soft in ("bam", "bam-shared"):
+        topk = [m for m in methods if ATTENTION_TOPK.get(m, (None,))[0] == soft]
+        if topk:
+            claim("soft attention routing beats BTX", soft, "btx", routing, (r["soft"], r["btx"]))
+        for method in topk:
+            k = ATTENTION_TOPK[method][1]
+            claim(f"top-{k} attention routing does not beat BTX", "btx", method, routing, (r["btx"], r[k]), "<=")
+            claim(f"soft attention routing beats top-{k}", soft, method, routing, (r["soft"], r[k]))
+    return claims
+
+
+def verdict(holds: list[bool]) -> str:
+    """Whether we see a claim: in every seed, in none, or in some."""
+    n, k = len(holds), sum(holds)
+    return f"seen ({k}/{n} seeds)" if k == n else f"not seen (0/{n} seeds)" if k == 0 else f"seen in {k}/{n} seeds"
+
+
+def check_ablations(models: dict[ModelKey, dict], settings: StudySettings, recipes: dict[str, dict]) -> dict | None:
+    """Each of the paper's ablation claims whose models ran, checked per seed, with both sides' average
+    perplexity over seeds; None when the study ran no ablation."""
+    claims = []
+    for claim in ablation_claims(settings.methods, settings.compute_matched):
+        a, b = (models[claim[side]]["avg_ppl"] for side in ("a", "b"))
+        holds = [RELATIONS[claim["relation"]](x, y) for x, y in zip(a["per_seed"], b["per_seed"])]
+        claims.append({**claim, "a_avg_ppl": a, "b_avg_ppl": b, "per_seed": holds, "verdict": verdict(holds)})
+    if not claims and not recipes:
+        return None
+    return {"recipes": recipes, "claims": claims}
 
 
 # ---------------------------------------------------------------------------------------------

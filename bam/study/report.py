@@ -13,6 +13,9 @@ out as group, method and setting (`labelled`):
   results["domains"], results["corpus"], results["seeds"], results["ordering"], results["notes"]
   results["provenance"]: per-domain sha256 and counts, software versions, the built-in corpus's
                          fingerprint against the README's (bam.study.study.Study.provenance)
+  results["ablations"]: the paper's ablations (bam.study.claims.check_ablations) or None: "recipes" (method ->
+                        how it was mixed, bam.study.study.Study.recipe_record) and "claims", each comparing
+                        two models' average perplexity ("a", "b": keys; labels in report.json) per seed
   results["add_expert"]: the Nexus extension experiment (bam.study.claims.summarize_add_expert) or None;
                          its models are in results["models"] with group "add-expert", its rows name
                          theirs by key ("model"), report.json's by label ("name").
@@ -32,9 +35,14 @@ from bam.study.results import ModelKey
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-# The methods' names in the report: mixing methods (bam.study.settings.MOE_METHODS) and those of the
-# add-expert experiment (ADD_EXPERT_METHODS).
+# The methods' names in the report: the study's mixtures (bam.study.methods.STUDY_METHODS) and those of
+# the add-expert experiment (ADD_EXPERT_METHODS).
 METHOD_LABELS = {"btx": "BTX", "bam": "BAM KV experts", "bam-shared": "BAM KV sharing",
+                 "btx-param-matched": "BTX param-matched", "btx-2n-experts": "BTX 2N experts",
+                 "btx-param-active-matched": "BTX param+active-matched",
+                 "bam-attn-top1": "BAM KV experts top-1 attention", "bam-attn-top2": "BAM KV experts top-2 attention",
+                 "bam-shared-attn-top1": "BAM KV sharing top-1 attention",
+                 "bam-shared-attn-top2": "BAM KV sharing top-2 attention",
                  "nexus": "Nexus", "nexus-bam": "Nexus-BAM KV experts", "nexus-bam-shared": "Nexus-BAM KV sharing"}
 # The add-expert experiment's models, by role (bam.study.results.ADD_EXPERT_ROLES)
 ADD_EXPERT_LABELS = {
@@ -68,6 +76,11 @@ def labelled(results: dict) -> dict:
         rows = {role: {"name": model_label(row["model"]), **{k: v for k, v in row.items() if k != "model"}}
                 for role, row in experiment["rows"].items()}
         out["add_expert"] = {**experiment, "rows": rows}
+    ablations = results.get("ablations")
+    if ablations:
+        claims = [{**claim, "a": model_label(claim["a"]), "b": model_label(claim["b"])}
+                  for claim in ablations["claims"]]
+        out["ablations"] = {**ablations, "claims": claims}
     return out
 
 
@@ -176,8 +189,10 @@ def plot_loss_curves(results: dict, out: Path) -> Path | None:
     titles = {"dense": "dense models: seed pretraining and expert CPT", "expert": "dense models: seed pretraining and expert CPT",
               "moe": "mixture training", "add-expert": "adding an expert: mixture, then finetune after adding"}
     panels = {title: [] for title in titles.values()}
+    plotted = set()  # a CM run that trained the DM run's steps is the DM run (BTX's always): one curve
     for name, model in results["models"].items():
-        if model.get("metrics") and not (model["method"] == "btx" and model["setting"] == "CM"):
+        if model.get("metrics") and model["metrics"] not in plotted:
+            plotted.add(model["metrics"])
             panels[titles[model["group"]]].append((name, model["metrics"]))
     panels = {title: runs for title, runs in panels.items() if runs}
     if not panels:
@@ -280,6 +295,26 @@ def plot_cost(results: dict, out: Path) -> Path | None:
     return path
 
 
+def ablation_lines(results: dict) -> list[str]:
+    """The ablations section: how each ablation was mixed, then the paper's claims about them and
+    whether we see them (bam.study.claims.check_ablations), the claims with report.json's labels."""
+    ablations = results["ablations"]
+    md = ["How each ablation was mixed (bam/study/methods.py; parameter counts against BAM KV experts'):", ""]
+    for method, plan in ablations["recipes"].items():
+        total, active = (plan[f"params_{n}"] / plan[f"bam_params_{n}"] - 1 for n in ("total", "active"))
+        md.append(f"- {METHOD_LABELS[method]} (`{method}`): {plan['describe']}; params "
+                  f"{_human(plan['params_total'])} total ({total:+.1%}), {_human(plan['params_active'])} active "
+                  f"({active:+.1%})")
+    md += ["", "| the paper's claim | average perplexity, ours (mean ± std over seeds) | the paper's | we see it |",
+           "|---|---|---|---|"]
+    for claim in ablations["claims"]:
+        relation = " < " if claim["relation"] == "<" else " ≤ "
+        ours = f"{claim['a']} {_ppl_cell(claim['a_avg_ppl'])}{relation}{claim['b']} {_ppl_cell(claim['b_avg_ppl'])}"
+        paper = f"{claim['paper'][0]:.2f}{relation}{claim['paper'][1]:.2f}"
+        md.append(f"| {claim['claim']} | {ours} | {paper} | {claim['verdict']} |")
+    return md
+
+
 def add_expert_table(results: dict) -> str:
     experiment = results["add_expert"]
     domain, old = experiment["domain"], experiment["old_domains"]
@@ -346,6 +381,9 @@ def write_report(results: dict, out: Path) -> None:
     md += ["## Held-out perplexity (test split, lower is better)", "", perplexity_table(results), ""]
     for line in ordering.get("lines", []):
         md.append(f"- {line}")
+    if results.get("ablations"):
+        md += ["", "## The paper's ablations (METHOD.md 6: parameter-matched BTX, top-k attention routing)", ""]
+        md += ablation_lines(results)
     experiment = results.get("add_expert")
     if experiment:
         md += ["", f"## Adding an expert later: {experiment['domain']} (Nexus, METHOD.md 3.3)", "",

@@ -16,9 +16,9 @@ import yaml
 
 from bam.data.corpus import DOMAINS, REFERENCE_MAX_CHARS
 from bam.errors import BamError, need
+from bam.study.methods import ABLATION_METHODS, ATTENTION_TOPK, MOE_METHODS, STUDY_METHODS
 from bam.train.config import TrainConfig
 
-MOE_METHODS = ("btx", "bam", "bam-shared")
 ADD_EXPERT_METHODS = ("nexus", "nexus-bam", "nexus-bam-shared")
 BUILTIN = "builtin"
 
@@ -161,8 +161,12 @@ class StudySettings:
         if len(self.domains) < 2:
             raise BamError("domains: expected at least two (the general one and one expert domain)")
         for method in self.methods:
-            if method not in MOE_METHODS:
-                raise BamError(f"methods: unknown method {method!r} (expected {', '.join(MOE_METHODS)})")
+            if method not in STUDY_METHODS:
+                raise BamError(f"methods: unknown method {method!r} (expected {', '.join(STUDY_METHODS)})")
+            if method in ATTENTION_TOPK and ATTENTION_TOPK[method][1] >= len(self.domains):
+                # top-k of k attention experts, gates renormalized, is soft routing itself
+                raise BamError(f"methods: {method} needs more than {ATTENTION_TOPK[method][1]} domains "
+                               f"(one attention expert each), got {len(self.domains)}")
         need(bool(self.seeds) and all(isinstance(s, int) for s in self.seeds), "seeds", self.seeds,
              "a non-empty list of integers")
         if self.add_expert is not None:
@@ -208,13 +212,16 @@ DEMO_PRESETS = {
 }
 
 
-def demo_settings(preset: str, seeds: list[int] | None = None) -> StudySettings:
-    """The built-in demo's settings (`bam demo --preset PRESET [--seeds ...]`)."""
+def demo_settings(preset: str, seeds: list[int] | None = None, ablations: bool = False) -> StudySettings:
+    """The built-in demo's settings (`bam demo --preset PRESET [--seeds ...] [--ablations]`);
+    `ablations` adds the paper's ablations (ABLATION_METHODS) to the mixtures."""
     if preset not in DEMO_PRESETS:
         raise BamError(f"--preset {preset!r}: expected one of {', '.join(DEMO_PRESETS)}")
     fields = dict(DEMO_PRESETS[preset])
     if seeds:
         fields["seeds"] = seeds
+    if ablations:
+        fields["methods"] = [*MOE_METHODS, *ABLATION_METHODS]
     return _from_dict(StudySettings, fields, "demo")
 
 

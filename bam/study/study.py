@@ -6,6 +6,9 @@ it depends on (its settings and its inputs' stage names), complete when it holds
     corpus -> tokenizer -> shards -> seed -> experts (continued pretraining, one per domain)
            -> mix (one per method) -> mixture training (data- and compute-matched) -> eval -> report
 
+The methods are bam/study/methods.py's: BTX, BAM and BAM KV sharing, and the paper's ablations (BTX
+with copies of the seed's FFN at BAM's parameter counts, BAM with top-k attention routing).
+
 With `add_expert` set (the demo sets it), the study also runs Nexus's extension experiment
 (METHOD.md 3.3): one expert domain is held out of a Nexus mixture, which is trained on the
 other domains; the held-out domain's expert is then added with `add_expert` and briefly finetuned,
@@ -20,6 +23,7 @@ same numbers whether or not the run was interrupted.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -45,11 +49,12 @@ from bam.formats.model_dir import init_model, load_model, open_model
 from bam.io.atomic import atomic_output_dir
 from bam.mix.add_expert import add_expert
 from bam.mix.extend import finetune_weights
-from bam.mix.mixing import mix, mixed_config
+from bam.mix.mixing import mix
 from bam.mix.nexus import DomainEmbeddings, EmbeddingSource, embed_domains
-from bam.modeling.cost import flops_per_token, summarize
+from bam.modeling.cost import flops_per_token, params_active, params_total, summarize
 from bam.modeling.presets import build_config, preset_fields
 from bam.study.claims import assemble
+from bam.study.methods import MOE_METHODS, MixRecipe, recipe
 from bam.study.report import model_label, write_report
 from bam.study.results import ModelKey, ModelRuns
 from bam.study.settings import BUILTIN, StudySettings, TrainSettings, demo_settings
@@ -225,17 +230,38 @@ class Study:
             experts[domain] = self.train_stage(f"expert-{domain}", seed_model, weights, s.cpt, seed)
         return experts
 
+    def recipe(self, method: str, experts: dict[str, Path]) -> MixRecipe:
+        """How `method` is mixed from `experts` (bam/study/methods.py), from the seed's config."""
+        s = self.settings
+        return recipe(method, open_model(experts[s.general_domain]).config, len(experts), s.top_k, s.renormalize)
+
+    def recipe_record(self, method: str, experts: dict[str, Path]) -> dict:
+        """The recipe of `method` and its parameter counts beside BAM KV experts' (the report's)."""
+        s = self.settings
+        dense = open_model(experts[s.general_domain]).config
+        plan, bam = self.recipe(method, experts), self.recipe("bam", experts)
+        this, reference = plan.config(dense, s.renormalize), bam.config(dense, s.renormalize)
+        return {**dataclasses.asdict(plan), "describe": plan.describe(),
+                "params_total": params_total(this), "params_active": params_active(this),
+                "bam_params_total": params_total(reference), "bam_params_active": params_active(reference)}
+
     def mixed(self, method: str, experts: dict[str, Path], seed: int) -> Path:
         s = self.settings
-        spec = {"method": method, "experts": {d: self.rel(p) for d, p in experts.items()}, "top_k": s.top_k,
+        plan = self.recipe(method, experts)
+        spec = {"method": method, "experts": {d: self.rel(p) for d, p in experts.items()}, "top_k": plan.top_k,
                 "renormalize": s.renormalize, "std": s.router_init_std, "seed": seed}
+        if method not in MOE_METHODS:  # (BTX's and BAM's stage names stay those of earlier studies)
+            spec["recipe"] = dataclasses.asdict(plan)
         stage = self.stages.dir(f"mix-{method}", spec)
         if not self.stages.done(stage):
-            log(f"mixing {method} from {len(experts)} experts")
+            log(f"mixing {method}: {plan.describe()}")
+            sources = [open_model(p) for p in experts.values()]
+            sources += sources[:1] * plan.seed_copies  # copies of the seed, the first expert (Study.experts)
             with atomic_output_dir(stage, overwrite=True) as tmp:
-                mix([open_model(p) for p in experts.values()], method, tmp / "model", top_k=s.top_k,
-                    renormalize=s.renormalize, router_init_std=s.router_init_std, seed=seed)
-                self.stages.finish(tmp, {"method": method})
+                mix(sources, plan.mix_method, tmp / "model", top_k=plan.top_k, renormalize=s.renormalize,
+                    router_init_std=s.router_init_std, seed=seed, weights=plan.weights(),
+                    attn_routing=plan.attn_routing, attn_top_k=plan.attn_top_k)
+                self.stages.finish(tmp, {"method": method, "recipe": dataclasses.asdict(plan)})
         return stage / "model"
 
     def mixture_steps(self, method: str, experts: dict[str, Path]) -> dict[str, int]:
@@ -244,10 +270,9 @@ class Study:
         s = self.settings
         steps = {"DM": s.mixture.steps}
         if s.compute_matched and method != "btx":
-            dense = open_model(next(iter(experts.values()))).config
-            n = len(experts)
-            btx = flops_per_token(mixed_config(dense, "btx", n, s.top_k, s.renormalize), s.seq_len)
-            this = flops_per_token(mixed_config(dense, method, n, s.top_k, s.renormalize), s.seq_len)
+            dense = open_model(experts[s.general_domain]).config
+            btx = flops_per_token(self.recipe("btx", experts).config(dense, s.renormalize), s.seq_len)
+            this = flops_per_token(self.recipe(method, experts).config(dense, s.renormalize), s.seq_len)
             steps["CM"] = max(1, round(s.mixture.steps * btx / this))
         return steps
 
@@ -337,6 +362,7 @@ def run_study(settings: StudySettings, out: Path, title: str = "bam run") -> dic
     study = Study(settings, out)
     study.prepare_data()
     runs: dict[ModelKey, ModelRuns] = {}  # in the order the report lists the models
+    recipes: dict[str, dict] = {}  # how each ablation was mixed (the same for every seed)
 
     def record(key: ModelKey, model_dir: Path, seed: int, metrics: Path | None = None, routing: bool = False,
                experts: list[str] | None = None) -> None:
@@ -357,18 +383,22 @@ def run_study(settings: StudySettings, out: Path, title: str = "bam run") -> dic
                 record(ModelKey.expert(domain), path, seed, path.parent / "metrics.jsonl")
         for method in settings.methods:
             mixed = study.mixed(method, experts, seed)
+            plan = study.recipe(method, experts)
+            if method not in MOE_METHODS:
+                recipes[method] = study.recipe_record(method, experts)
             for setting, steps in study.mixture_steps(method, experts).items():
                 trained = study.train_stage(f"mixture-{method}", mixed, {d: 1.0 for d in settings.domains},
                                             settings.mixture, seed, max_steps=steps)
                 key = ModelKey.mixture(method, setting)
-                record(key, trained, seed, trained.parent / "metrics.jsonl", routing=True, experts=list(experts))
+                record(key, trained, seed, trained.parent / "metrics.jsonl", routing=True,
+                       experts=plan.expert_names(list(experts)))
                 if method == "btx" and settings.compute_matched:
                     # BTX is the compute reference, so its CM run is its DM run.
                     runs[ModelKey.mixture(method, "CM")] = runs[key]
         if settings.add_expert is not None:
             add_expert_experiment(study, seed_model, experts, seed, record)
 
-    results = assemble(settings, runs, study.corpus_info, study.provenance(), title)
+    results = assemble(settings, runs, study.corpus_info, study.provenance(), title, recipes)
     with atomic_output_dir(out / "report", overwrite=True) as tmp:
         write_report(results, tmp)
     log(f"report written to {out / 'report' / 'report.md'}")
@@ -402,5 +432,6 @@ def add_expert_experiment(study: Study, seed_model: Path, experts: dict[str, Pat
         file(f"{variant}-finetuned", tuned, [*routed, domain], tuned.parent / "metrics.jsonl")
 
 
-def run_demo(preset: str, out: Path, seeds: list[int] | None = None) -> dict:
-    return run_study(demo_settings(preset, seeds), out, title=f"bam demo --preset {preset}")
+def run_demo(preset: str, out: Path, seeds: list[int] | None = None, ablations: bool = False) -> dict:
+    return run_study(demo_settings(preset, seeds, ablations), out,
+                     title=f"bam demo --preset {preset}{' --ablations' if ablations else ''}")

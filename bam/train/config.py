@@ -54,7 +54,9 @@ class TrainConfig:
     keep: int = 2
     aux_loss_coef: float | None = None  # None keeps the model config's router_aux_loss_coef
     z_loss_coef: float | None = None  # None keeps the model config's router_z_loss_coef
-    train_only: str = "all"
+    # `--train-only` groups (bam/train/optim.py); None: the model's default, every parameter, but
+    # for a mixture of adapter experts its routers and adapters on the frozen seed (METHOD.md 7)
+    train_only: str | None = None
     # An adapter trained alone on the frozen model (bam/modeling/adapters.py): "lora" or "ia3"; the run's
     # model is then a PEFT adapter directory (bam/formats/peft.py). Targets default to every linear
     # projection for LoRA, and to PEFT's Llama default (k_proj, v_proj, down_proj) for (IA)³.
@@ -95,10 +97,11 @@ class TrainConfig:
         check(self.dist in DIST_MODES, "dist", f"one of {', '.join(DIST_MODES)}")
         if not self.data:
             raise BamError("data: expected at least one domain (NAME=PATH[:WEIGHT])")
-        parse_train_only(self.train_only)  # unknown group names fail here
+        if self.train_only is not None:
+            parse_train_only(self.train_only)  # unknown group names fail here
         if self.adapter is not None:
             check(self.adapter in ADAPTERS, "adapter", f"one of {', '.join(ADAPTERS)}")
-            check(self.train_only in ("all", "adapter"), "train_only",
+            check(self.train_only in (None, "all", "adapter"), "train_only",
                   "'adapter' (or unset) with an adapter: it trains alone on the frozen model")
 
     def adapter_fields(self) -> dict | None:

@@ -29,7 +29,7 @@ import math
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -195,6 +195,8 @@ def _train(cfg: TrainConfig, env: Dist) -> Path:
             raise BamError(f"{cfg.model}: already has an adapter ({config.adapter}); train a new one on its base")
         config = config_from_dict({**config.to_dict(), **cfg.adapter_fields()}, f"--adapter {cfg.adapter}")
         adapter_family(source)
+    if cfg.train_only is None:  # (resolved before the fingerprint, which records it)
+        cfg = replace(cfg, train_only="routers,adapter" if config.adapter_experts else "all")
     tokenizer, tokenizer_dir = tokenizer_for(cfg)
     check_settings(cfg, config, env, tokenizer, tokenizer_dir)
     domains, weights = prepare_domains(cfg, tokenizer, env)

@@ -1,0 +1,125 @@
+"""The study's mixtures (PIPELINE.yaml `methods:`): BTX and BAM as `bam mix` makes them, and the
+paper's ablations (METHOD.md section 6, its Tables 4-6), each one `bam mix` call with options.
+
+With N domain experts (the seed, as the general expert, first) and the study's FFN top-k (`top_k`):
+
+    method                     FFN experts                       FFN top-k            attention
+    btx                        N                                 top_k                one, averaged
+    bam                        N                                 top_k                N experts, soft
+    bam-shared                 N                                 top_k                N experts (one K/V), soft
+    btx-param-matched          N + c copies of the seed's FFN    top_k                one, averaged
+    btx-2n-experts             N + N copies of the seed's FFN    top_k                one, averaged
+    btx-param-active-matched   N + c (as btx-param-matched)      k                    one, averaged
+    bam-attn-top1, -top2       N                                 top_k                N experts, top-1 / top-2
+    bam-shared-attn-top1, -2   N                                 top_k                N experts (one K/V), top-1 / top-2
+
+c >= 1 is the number of copies whose BTX has the total parameter count closest to BAM's (KV experts,
+N experts, top_k), and k the top-k whose active parameter count is closest to BAM's; both are
+computed from the seed's config (bam.modeling.cost), so they follow the number of domains and the
+model's shape. The paper (4 domains, 590M seed) has c = 2 and k = 3 ("6 experts", "top-3 of 6");
+btx-2n-experts is its "8 experts". At least one copy is made, so the ablation never collapses into BTX.
+
+A copy of the seed's FFN is an extra FFN expert only: every averaged tensor (attention, embeddings,
+norms, LM head) is the average over the N real models, exactly BTX's, because the copies are mixed
+with weight 0 (`bam mix DIR... SEED... --weights 1,..,1,0,..,0`). Extra parameters thus come only
+from the FFN, as in the paper: the ablation differs from BTX in its FFN experts and router rows only.
+The paper's own ablation (its params: 700M with 4 experts, 776M with 6, each FFN expert 38M) gives
+c = 2 and k = 3 by this rule.
+
+Top-k attention routing (METHOD.md 3.2) keeps the softmax of the attention router over all experts,
+keeps the top k per token and renormalizes them (bam/modeling/attention.py). The paper's routing
+table is compute-matched and its soft row is the KV-sharing variant's, so `--ablations` runs the
+bam-shared ones; the bam ones are there for a study that wants them.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from bam.mix.mixing import mixed_config
+from bam.modeling.config import BamConfig
+from bam.modeling.cost import params_active, params_total
+
+MOE_METHODS = ("btx", "bam", "bam-shared")
+# `bam demo --ablations`: the paper's parameter-matched BTX and top-k attention routing (its Tables 4-6)
+ABLATION_METHODS = ("btx-param-matched", "btx-2n-experts", "btx-param-active-matched",
+                    "bam-shared-attn-top1", "bam-shared-attn-top2")
+STUDY_METHODS = (*MOE_METHODS, *ABLATION_METHODS, "bam-attn-top1", "bam-attn-top2")
+# The top-k attention methods: name -> (the soft method it ablates, k)
+ATTENTION_TOPK = {f"{soft}-attn-top{k}": (soft, k) for soft in ("bam", "bam-shared") for k in (1, 2)}
+
+
+@dataclass(frozen=True)
+class MixRecipe:
+    """How the study mixes a method from its N domain experts: `bam mix --method mix_method` over the
+    experts and `seed_copies` more copies of the seed, with these routing options."""
+
+    mix_method: str
+    n_domains: int
+    seed_copies: int = 0
+    top_k: int = 1
+    attn_routing: str = "soft"
+    attn_top_k: int = 1
+
+    @property
+    def n_experts(self) -> int:
+        return self.n_domains + self.seed_copies
+
+    def weights(self) -> list[float] | None:
+        """`bam mix --weights`: the real models 1, the copies 0 (averages over the real models only);
+        None (uniform) without copies."""
+        return [1.0] * self.n_domains + [0.0] * self.seed_copies if self.seed_copies else None
+
+    def expert_names(self, domains: list[str]) -> list[str]:
+        """The FFN experts in router order: the domains, then the seed's copies (domains[0] is the seed's)."""
+        return [*domains, *(f"{domains[0]} copy {i + 1}" for i in range(self.seed_copies))]
+
+    def config(self, dense: BamConfig, renormalize: bool = False) -> BamConfig:
+        """The mixture's config, as `bam mix` writes it."""
+        return mixed_config(dense, self.mix_method, self.n_experts, self.top_k, renormalize,
+                            attn_routing=self.attn_routing, attn_top_k=self.attn_top_k)
+
+    def describe(self) -> str:
+        """e.g. "4 domain experts + 1 copy of the seed's FFN, FFN top-2 of 5"."""
+        experts = f"{self.n_domains} domain experts"
+        if self.seed_copies:
+            experts += f" + {self.seed_copies} cop{'y' if self.seed_copies == 1 else 'ies'} of the seed's FFN"
+        text = f"{experts}, FFN top-{self.top_k} of {self.n_experts}"
+        if self.attn_routing == "topk":
+            text += f", attention top-{self.attn_top_k} of {self.n_domains}"
+        return text
+
+
+def recipe(method: str, dense: BamConfig, n_domains: int, top_k: int = 1, renormalize: bool = False) -> MixRecipe:
+    """Study method `method` (STUDY_METHODS) for N = `n_domains` experts of config `dense`."""
+    if method in MOE_METHODS:
+        return MixRecipe(method, n_domains, top_k=top_k)
+    if method in ATTENTION_TOPK:
+        soft, k = ATTENTION_TOPK[method]
+        return MixRecipe(soft, n_domains, top_k=top_k, attn_routing="topk", attn_top_k=k)
+    if method == "btx-2n-experts":
+        return MixRecipe("btx", n_domains, seed_copies=n_domains, top_k=top_k)
+    bam = mixed_config(dense, "bam", n_domains, top_k, renormalize)
+    copies = closest(lambda c: params_total(mixed_config(dense, "btx", n_domains + c, top_k)), params_total(bam),
+                     itertools.count(1))
+    if method == "btx-param-matched":
+        return MixRecipe("btx", n_domains, seed_copies=copies, top_k=top_k)
+    assert method == "btx-param-active-matched", method
+    n = n_domains + copies
+    k = closest(lambda k: params_active(mixed_config(dense, "btx", n, k, renormalize)), params_active(bam),
+                range(1, n + 1))
+    return MixRecipe("btx", n_domains, seed_copies=copies, top_k=k)
+
+
+def closest(count, target: int, candidates: Iterable[int]) -> int:
+    """The candidate whose count(candidate) is closest to `target`, the smallest on a tie. Counts grow
+    with the candidate (one more expert, one more active expert), so the search stops past the target."""
+    best = None
+    for candidate in candidates:
+        distance = abs(count(candidate) - target)
+        if best is not None and distance >= best[0]:
+            break
+        best = (distance, candidate)
+    return best[1]
