@@ -233,6 +233,7 @@ def test_bad_requests_are_refused(seed_and_adapters, tmp_path):
     base = transformers.LlamaForCausalLM.from_pretrained(root / "seed", dtype=torch.float32)
     peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).save_pretrained(qv)
     assert "btx needs adapters on the FFN" in refusal(root, [qv], tmp_path, method="btx")
+    assert "not an adapter directory" in refusal(root, [root / "seed"], tmp_path)
     assert "expected a dense model without an adapter" in refusal(root, [root / "lora1"], tmp_path,
                                                                      base=root / "lora0")
 
@@ -322,3 +323,16 @@ def test_adapter_moe_training_under_fsdp_equals_ddp(adapter_moe, tmp_path):
     ids = input_ids(SHAPE["vocab_size"])
     assert rel_diff(logits(tmp_path / "fsdp" / "model", ids), logits(tmp_path / "ddp" / "model", ids)) <= 1e-4
     assert rel_diff(logits(tmp_path / "fsdp" / "model", ids), logits(moe, ids)) > 1e-3  # it trained
+
+
+def test_ia3_vector_stacks_do_not_decay_and_lora_matrices_do(seed_and_adapters, tmp_path):
+    """Decay would pull an (IA)³ vector to 0, not to its identity 1: a stack of them is still vectors."""
+    from bam.modeling.layout import parameters
+
+    root = seed_and_adapters
+    for kind in KINDS:
+        mix_adapters(open_model(root / "seed"), [root / f"{kind}0", root / f"{kind}1"], "bam", tmp_path / kind,
+                     progress=False)
+        adapters = [p for p in parameters(open_model(tmp_path / kind).config) if p.role == "adapter"]
+        assert adapters and all(p.decays == (kind == "lora") for p in adapters)
+        assert all(len(p.shape) >= 2 for p in adapters)  # (the stacks are 2-D and more)

@@ -17,9 +17,9 @@ from bam.errors import BamError
 from bam.formats.model_dir import open_model
 from bam.mix.rules import tensor_rule
 from bam.modeling.layout import parameters
-from bam.study.claims import check_ablations, new_expert_share, summarize_add_expert
-from bam.study.methods import STUDY_METHODS, recipe
-from bam.study.report import write_report
+from bam.study.claims import check_ablations, check_adapter_experts, new_expert_share, summarize_add_expert
+from bam.study.methods import ADAPTER_EXPERT_METHODS, FULL_EXPERT_METHODS, recipe
+from bam.study.report import METHOD_LABELS, write_report
 from bam.study.results import ADD_EXPERT_ROLES, ModelKey, ModelRuns
 from bam.study.settings import AddExpertSettings, StudySettings, demo_settings, load_pipeline_file
 from bam.study.study import run_study
@@ -236,7 +236,7 @@ def test_ablation_claims_on_hand_made_numbers():
 
 @pytest.fixture(scope="module")
 def ablation_study(tmp_path_factory):
-    """A tiny study of every mixture, the ablations included: three domains of this machine's text
+    """A tiny study of every mixture of full experts, the ablations included: three domains of this machine's text
     (prose, the json package's code, the email package's), a few steps per stage, two seeds."""
     root = tmp_path_factory.mktemp("ablations")
     stdlib = Path(sysconfig.get_paths()["stdlib"])
@@ -249,7 +249,7 @@ def ablation_study(tmp_path_factory):
                "email": str(write_jsonl(root / "email.jsonl", package("email")))}
     train = {"steps": 4, "batch_size": 4, "lr": 0.003, "warmup": 1, "save_every": 4}
     settings = StudySettings(domains=domains, preset="tiny", vocab_size=300, seq_len=32, pretrain=train,
-                             cpt=train, mixture={**train, "steps": 6}, methods=list(STUDY_METHODS),
+                             cpt=train, mixture={**train, "steps": 6}, methods=list(FULL_EXPERT_METHODS),
                              eval_max_tokens=256, eval_batch_size=4, routing_max_tokens=128, seeds=[0, 1])
     out = root / "run"
     run_study(settings, out)
@@ -261,7 +261,7 @@ def test_ablation_study_reports_each_claims_verdict(ablation_study):
     models, claims = report["models"], report["ablations"]["claims"]
     # Every method ran data- and compute-matched, evaluated on every domain.
     assert {(m["method"], m["setting"]) for m in models.values() if m["group"] == "moe"} == {
-        (method, setting) for method in STUDY_METHODS for setting in ("DM", "CM")}
+        (method, setting) for method in FULL_EXPERT_METHODS for setting in ("DM", "CM")}
     assert all(set(m["perplexity"]) == {"general", "json", "email"} for m in models.values())
     # One claim per comparison the paper makes about what ran: 4 about parameter-matched BTX; for
     # each of bam and bam-shared, soft beats BTX, and per top-k, it does not beat BTX and soft beats it.
@@ -313,3 +313,185 @@ def test_ablation_study_mixes_what_the_recipes_say(ablation_study):
     for method, k in (("bam-shared-attn-top1", 1), ("bam-attn-top2", 2)):
         config = json.loads(next(out.glob(f"stages/mix-{method}-*/model/config.json")).read_text())
         assert (config["attn_routing"], config["attn_top_k"], config["n_attn_experts"]) == ("topk", k, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Adapter experts as study methods (issue 17; bam/study/methods.py ADAPTER_EXPERT_METHODS)
+
+
+def test_adapter_methods_and_settings_are_parsed_and_refused_by_name(tmp_path):
+    s = StudySettings(methods=["bam", "lora-bam-param-mixing", "ia3-bam", "lora-btx"])
+    assert s.adapter_kinds == ["lora", "ia3"] and StudySettings().adapter_kinds == []
+    assert s.adapters.config_fields("lora") == {
+        "adapter": "lora", "adapter_targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                               "down_proj"], "lora_rank": 8, "lora_alpha": 16.0}
+    assert s.adapters.config_fields("ia3") == {"adapter": "ia3", "adapter_targets": ["k_proj", "v_proj", "down_proj"]}
+    path = tmp_path / "PIPELINE.yaml"
+    path.write_text(yaml.safe_dump({"demo": "tiny", "methods": ["lora-bam"],
+                                    "adapters": {"lora_rank": 4, "lora_targets": ["down_proj", "q_proj"]}}))
+    loaded = load_pipeline_file(path)[0]
+    assert loaded.adapters.lora_rank == 4 and loaded.adapters.lora_alpha == 16.0
+    assert loaded.adapters.config_fields("lora")["adapter_targets"] == ["q_proj", "down_proj"]  # the config's order
+    assert loaded.record()["adapters"]["lora_rank"] == 4
+    with pytest.raises(BamError, match=r"methods: unknown method 'lora-nexus'"):
+        StudySettings(methods=["lora-nexus"])
+    with pytest.raises(BamError, match=r"adapters.lora_rank=0: expected a positive integer"):
+        StudySettings(adapters={"lora_rank": 0})
+    with pytest.raises(BamError, match=r"adapters.ia3_targets=\['q_proj', 'o_proj'\]: expected a non-empty list"):
+        StudySettings(adapters={"ia3_targets": ["q_proj", "o_proj"]})
+    with pytest.raises(BamError, match=r"adapters.rank: unknown field"):
+        StudySettings(adapters={"rank": 8})
+    with pytest.raises(BamError, match=r"adapters.lr_scale=0: expected a positive number"):
+        StudySettings(adapters={"lr_scale": 0})
+    scaled = StudySettings(cpt={"lr": 2e-3}, adapters={"lr_scale": 5})
+    assert scaled.adapters.training(scaled.cpt).values == {**scaled.cpt.values, "lr": pytest.approx(1e-2)}
+    assert s.adapters.training(s.cpt) is s.cpt  # lr_scale 1: the full methods' own section
+    assert demo_settings("tiny").methods == ["btx", "bam", "bam-shared"]  # the default demo is unchanged
+    assert demo_settings("tiny", adapters=True).methods == [
+        "btx", "bam", "bam-shared", "lora-btx", "lora-bam", "lora-bam-param-mixing", "ia3-bam"]
+
+
+def test_adapter_recipes_configure_the_mixture_by_method(tiny_config):
+    dense, fields = tiny_config(), StudySettings().adapters
+    adapters = {kind: fields.config_fields(kind) for kind in ("lora", "ia3")}
+
+    def config(method):
+        return recipe(method, dense, 4, adapters=adapters).config(dense)
+
+    bam, mixing_params, btx = config("lora-bam"), config("lora-bam-param-mixing"), config("lora-btx")
+    assert bam.adapter_experts
+    assert (bam.adapter, bam.lora_rank, bam.n_attn_experts, bam.n_ffn_experts) == ("lora", 8, 4, 4)
+    assert (bam.attn_mixing, mixing_params.attn_mixing, bam.kv_shared) == ("outputs", "parameters", False)
+    assert btx.n_attn_experts == 1 and btx.adapter_targets == ["gate_proj", "up_proj", "down_proj"]
+    assert config("lora-bam-shared").kv_shared
+    assert config("ia3-bam").adapter_targets == ["k_proj", "v_proj", "down_proj"]
+
+
+def test_adapter_claims_on_hand_made_numbers():
+    """Two seeds: seed avg 20, 20; full BAM 10, 12; lora-bam 13, 15 closes 7/10 and 5/8 of BAM's gain."""
+    s = StudySettings(methods=["bam", "lora-bam", "lora-bam-param-mixing"], seeds=[0, 1])
+
+    def model(avg, total, twin=None, rate=None):
+        cost = {"params_total": total, "params_active": total, "flops_per_token": 1000, "kv_cache_bytes_per_token": 64,
+                "full_experts": twin and {"params_total": twin, "params_active": twin, "flops_per_token": 2000,
+                                          "kv_cache_bytes_per_token": 64}, "train_tokens_per_s": rate}
+        return {"avg_ppl": {"mean": sum(avg) / 2, "per_seed": avg}, "cost": cost}
+
+    models = {ModelKey.seed(): model([20, 20], 100), ModelKey.mixture("bam", "DM"): model([10, 12], 300, rate=50),
+              ModelKey.mixture("lora-bam", "DM"): model([13, 15], 125, twin=300, rate=40),
+              ModelKey.mixture("lora-bam-param-mixing", "DM"): model([12, 16], 125, twin=300, rate=80)}
+    section = check_adapter_experts(models, s, {})
+    row = section["rows"]["lora-bam"]
+    assert row["gain_closed"]["per_seed"] == pytest.approx([0.7, 0.625])
+    assert row["params_vs_seed"] == 1.25 and row["full_experts_vs_seed"] == 3.0
+    assert [(c["per_seed"], c["verdict"]) for c in section["claims"]] == [
+        ([True, True], "seen (2/2 seeds)"),  # 1.25x: at most 1.25x
+        ([True, False], "seen in 1/2 seeds"),  # 70% >= 70%, 62.5% < 70%
+        ([False, True], "seen in 1/2 seeds"),  # outputs 13 vs 12, 15 vs 16
+    ]
+    assert "train tokens/s 40 vs 80" in section["claims"][2]["ours"]
+    assert check_adapter_experts(models, StudySettings(methods=["bam"]), {}) is None
+    no_bam = check_adapter_experts({k: v for k, v in models.items() if k != ModelKey.mixture("bam", "DM")}, s, {})
+    assert no_bam["rows"]["lora-bam"]["gain_closed"] is None
+    assert no_bam["claims"][1]["verdict"] == "cannot say (full BAM (DM) did not run)"
+
+
+@pytest.fixture(scope="module")
+def adapter_study(tmp_path_factory):
+    """A tiny study of every method of adapter experts beside full BTX and BAM: three domains of this
+    machine's text, a few steps per stage, one seed."""
+    root = tmp_path_factory.mktemp("adapters")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+
+    def package(name: str) -> list[str]:
+        return [doc for f in sorted((stdlib / name).glob("*.py")) for doc in paragraphs(f.read_text(encoding="utf-8"))]
+
+    domains = {"general": str(write_jsonl(root / "prose.jsonl", prose_documents())),
+               "json": str(write_jsonl(root / "json.jsonl", package("json"))),
+               "email": str(write_jsonl(root / "email.jsonl", package("email")))}
+    train = {"steps": 4, "batch_size": 4, "lr": 0.003, "warmup": 1, "save_every": 4}
+    settings = StudySettings(domains=domains, preset="tiny", vocab_size=300, seq_len=32, pretrain=train,
+                             cpt={**train, "steps": 5}, mixture={**train, "steps": 6},
+                             methods=["btx", "bam", *ADAPTER_EXPERT_METHODS], adapters={"lora_rank": 4, "lr_scale": 2},
+                             eval_max_tokens=256, eval_batch_size=4, routing_max_tokens=128, seeds=[0])
+    out = root / "run"
+    run_study(settings, out)
+    return out, json.loads((out / "report" / "report.json").read_text())
+
+
+def metrics_steps(run: Path) -> int:
+    return max(json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines())
+
+
+def test_adapter_experts_are_peft_adapters_trained_like_the_full_experts(adapter_study):
+    out, report = adapter_study
+    for domain in ("json", "email"):
+        full = next(out.glob(f"stages/expert-{domain}-*"))
+        for kind, targets in (("lora", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+                              ("ia3", ["k_proj", "v_proj", "down_proj"])):
+            stages = list(out.glob(f"stages/adapter-{kind}-{domain}-*"))
+            assert len(stages) == 1  # one per kind and domain, shared by every method of that kind
+            adapter = json.loads((stages[0] / "run" / "model" / "adapter_config.json").read_text())
+            assert adapter["peft_type"] == kind.upper() and sorted(adapter["target_modules"]) == sorted(targets)
+            assert kind == "ia3" or adapter["r"] == 4
+            assert (stages[0] / "run" / "model" / "adapter_model.safetensors").exists()
+            # data-matched: the same steps and the same data weights as the full expert of the domain
+            assert metrics_steps(stages[0] / "run") == metrics_steps(full / "run") == 5
+            run, full_run = (json.loads((d / "run" / "run.json").read_text())["fingerprint"] for d in (stages[0], full))
+            assert run["data"] == full_run["data"]
+            assert run["train"] == {**full_run["train"], "lr": run["train"]["lr"], "adapter": run["train"]["adapter"]}
+            assert run["train"]["lr"] == pytest.approx(2 * full_run["train"]["lr"])  # adapters.lr_scale
+            assert f"{'LoRA' if kind == 'lora' else '(IA)³'} expert {domain}" in report["models"]
+
+
+def test_adapter_mixtures_are_configured_by_method_and_trained_data_matched(adapter_study):
+    out, report = adapter_study
+    expected = {"lora-btx": ("lora", 1, "outputs"), "lora-bam": ("lora", 3, "outputs"),
+                "lora-bam-shared": ("lora", 3, "outputs"), "lora-bam-param-mixing": ("lora", 3, "parameters"),
+                "ia3-bam": ("ia3", 3, "outputs"), "ia3-bam-param-mixing": ("ia3", 3, "parameters")}
+    for method, (kind, n_attn, mixing) in expected.items():
+        stage, = (p for p in out.glob(f"stages/mix-{method}-*")
+                  if re.fullmatch(rf"mix-{method}-[0-9a-f]{{12}}", p.name))
+        config = json.loads((stage / "model" / "config.json").read_text())
+        assert config["adapter_experts"] and config["adapter"] == kind and config["n_ffn_experts"] == 3
+        assert (config["n_attn_experts"], config["attn_mixing"]) == (n_attn, mixing)
+        assert config["kv_shared"] == (method == "lora-bam-shared")
+        assert json.loads((stage / "model" / "mix.json").read_text())["base_expert"] is True
+        trained, = (p / "run" for p in out.glob(f"stages/mixture-{method}-*")
+                    if re.fullmatch(rf"mixture-{method}-[0-9a-f]{{12}}", p.name))
+        btx = next(out.glob("stages/mixture-btx-*/run"))
+        assert metrics_steps(trained) == metrics_steps(btx) == 6
+        train, btx_train = (json.loads((r / "run.json").read_text())["fingerprint"]["train"] for r in (trained, btx))
+        assert train["train_only"] == "routers,adapter" and train["lr"] == pytest.approx(2 * btx_train["lr"])
+        model = report["models"][f"{METHOD_LABELS[method]} (DM)"]
+        assert set(model["perplexity"]) == {"general", "json", "email"}
+        assert model["cost"]["full_experts"]["params_total"] > model["cost"]["params_total"]
+        assert f"{METHOD_LABELS[method]} (CM)" not in report["models"]  # data-matched only
+
+
+def test_adapter_report_rows_and_verdicts_follow_from_the_numbers(adapter_study):
+    out, report = adapter_study
+    section, models = report["adapter_experts"], report["models"]
+    seed, bam = models["seed"], models["BAM KV experts (DM)"]
+    md = (out / "report" / "report.md").read_text().split("## Adapter experts")[1].split("\n## ")[0]
+    for method, row in section["rows"].items():
+        model = models[row["name"]]
+        # recomputed: the share of full BAM's gain over the seed, and parameters against the seed's
+        s, m, b = (x["avg_ppl"]["mean"] for x in (seed, model, bam))
+        closes = (s - m) / (s - b) if s > b else None
+        assert (row["gain_closed"] is None) == (closes is None)
+        if closes is not None:
+            assert row["gain_closed"]["mean"] == pytest.approx(closes)
+            assert f"| {row['name']} | {m:.2f} | {closes:.1%} |" in md
+        assert row["params_vs_seed"] == pytest.approx(model["cost"]["params_total"] / seed["cost"]["params_total"])
+        assert row["train_tokens_per_s"] == model["cost"]["train_tokens_per_s"] > 0
+    claims = {c["claim"]: c for c in section["claims"]}
+    held = claims["lora-bam holds at most 1.25x the seed's parameters"]
+    assert held["per_seed"] == [section["rows"]["lora-bam"]["params_vs_seed"] <= 1.25]
+    mixing = claims["lora-bam: mixing attention outputs (BAM) beats mixing parameters (MoLoRA)"]
+    outputs, params = (models[section["rows"][m]["name"]]["avg_ppl"]["per_seed"]
+                       for m in ("lora-bam", "lora-bam-param-mixing"))
+    assert mixing["per_seed"] == [outputs[0] < params[0]]
+    assert len(claims) == 4  # the two about lora-bam, and outputs vs parameters for LoRA and (IA)³
+    for claim in claims.values():
+        assert f"| {claim['claim']} | {claim['ours']} | {claim['verdict']} |" in md

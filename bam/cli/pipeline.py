@@ -23,6 +23,13 @@ def register(subparsers) -> None:
                       help="also the paper's ablations (METHOD.md 6, Tables 4-6): BTX with copies of the seed's "
                            "FFN matching BAM's total (and active) parameters, BTX with 2N experts, BAM KV sharing "
                            "with top-1 and top-2 attention routing; the report checks the paper's claims about them")
+    demo.add_argument("--adapters", action="store_true",
+                      help="also mixtures of adapter experts (issue 17, METHOD.md 7; docs/adapters.md): each domain "
+                           "expert also trained as a LoRA and an (IA)3 adapter on the frozen seed (data-matched "
+                           "with the full expert), mixed with the seed as the general expert: lora-btx, lora-bam, "
+                           "lora-bam-param-mixing (MoLoRA's mixing of attention parameters), ia3-bam; the report "
+                           "compares them with full BAM (perplexity, share of its gain, parameters, FLOPs, KV "
+                           "bytes, training tokens/s)")
     demo.set_defaults(func=cmd_demo)
 
 
@@ -53,5 +60,5 @@ def cmd_run(args) -> int:
 def cmd_demo(args) -> int:
     from bam.study.study import run_demo  # noqa: PLC0415
 
-    run_demo(args.preset, Path(args.out), _seeds(args.seeds), ablations=args.ablations)
+    run_demo(args.preset, Path(args.out), _seeds(args.seeds), ablations=args.ablations, adapters=args.adapters)
     return 0

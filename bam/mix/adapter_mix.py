@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from bam.errors import BamError
 from bam.formats.model_dir import copy_tokenizer
-from bam.formats.peft import adapter_family, base_identity, open_adapter
+from bam.formats.peft import ADAPTER_CONFIG, adapter_family, base_identity, is_adapter_dir, open_adapter
 from bam.formats.source import ModelSource
 from bam.io.atomic import atomic_output_dir
 from bam.io.tensor_files import StreamingSafetensorsWriter, WEIGHTS_NAME
@@ -106,6 +106,9 @@ def open_adapters(base: ModelSource, adapter_dirs: Sequence[Path]) -> list[Model
     fingerprint = None
     adapters = []
     for adapter_dir in adapter_dirs:
+        if not is_adapter_dir(adapter_dir):
+            raise BamError(f"{adapter_dir}: not an adapter directory (no {ADAPTER_CONFIG}); with --base every "
+                           f"DIR is an adapter of the seed (bam train --adapter, or PEFT's save_pretrained)")
         identity = base_identity(adapter_dir)
         if identity is not None:
             if identity.get("family") not in (None, family):
@@ -120,8 +123,6 @@ def open_adapters(base: ModelSource, adapter_dirs: Sequence[Path]) -> list[Model
         raise BamError("mix --base needs at least one adapter directory")
     first = adapters[0]
     for source in adapters:
-        if source.config.adapter is None:
-            raise BamError(f"{source.path}: not an adapter directory (no adapter_config.json)")
         for field in ADAPTER_FIELDS:
             a, b = getattr(first.config, field), getattr(source.config, field)
             if a != b:

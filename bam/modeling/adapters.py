@@ -70,13 +70,14 @@ class Adapter(nn.Module):
 
     def lora_update(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """s B A x for one LoRA pair, or for the fused gate_up_proj's two (a [2, r, I], b [2, O, r])."""
+        # (s scales A x, r wide, rather than the output: one small tensor more, not one of x's size)
         if a.dim() == 2:
-            return F.linear(F.linear(x, a), b) * self.scaling
+            return F.linear(F.linear(x, a) * self.scaling, b)
         # the fused gate_up_proj: pair p's A x is columns p*r.. of one matmul, its B (A x) the
         # rows p*F.. of the output (gate rows first)
         pieces, r = a.shape[0], a.shape[1]
-        ax = F.linear(x, a.reshape(pieces * r, -1)).unflatten(-1, (pieces, r))
-        return torch.einsum("...pr,pfr->...pf", ax, b).flatten(-2) * self.scaling
+        ax = F.linear(x, a.reshape(pieces * r, -1)).unflatten(-1, (pieces, r)) * self.scaling
+        return torch.einsum("...pr,pfr->...pf", ax, b).flatten(-2)
 
     def output_scale(self, name: str) -> torch.Tensor | None:
         """(IA)³'s vector on projection `name`'s output ([O], or [E, O] for adapter experts), if any:
@@ -85,15 +86,18 @@ class Adapter(nn.Module):
 
     # Adapter experts (config.adapter_experts): each tensor holds one adapter per expert along dim 0,
     # and expert j's projection is the seed's, W x, adapted by adapter j. The seed's W x is computed
-    # once for every token (y below); only the low-rank or vector updates are per expert.
+    # once for every token (y below); only the low-rank or vector updates are per expert. Every
+    # expert's update is one matmul over the experts' A (or B) side by side, or block-diagonal where
+    # each expert's must stay apart: E times the FLOPs of those small matmuls, but no batched matmul,
+    # whose expert-major operands would be permuted copies of the activations, saved for backward.
 
     def expert_outputs(self, name: str, x_NI: torch.Tensor, y_NO: torch.Tensor, n_experts: int) -> torch.Tensor:
         """Every expert's output of projection `name` for shared inputs x, [N, E, O]: y + s B_j A_j x,
         or l_j * y; y itself for each expert when the projection has no adapter."""
         if self.kind == "lora" and hasattr(self, f"{name}_lora_A"):
-            ax_NER = torch.einsum("ni,eri->ner", x_NI, getattr(self, f"{name}_lora_A"))
-            delta_NEO = torch.einsum("ner,eor->neo", ax_NER, getattr(self, f"{name}_lora_B"))
-            return y_NO[:, None] + delta_NEO * self.scaling
+            a_ERI, b_EOR = getattr(self, f"{name}_lora_A"), getattr(self, f"{name}_lora_B")
+            ax_NX = F.linear(x_NI, a_ERI.flatten(0, 1)) * self.scaling  # X = E*r: every expert's A x at once
+            return y_NO[:, None] + F.linear(ax_NX, torch.block_diag(*b_EOR)).unflatten(-1, (n_experts, -1))
         scale_EO = self.output_scale(name)
         if scale_EO is not None:
             return y_NO[:, None] * scale_EO
@@ -103,8 +107,10 @@ class Adapter(nn.Module):
         """The output of one projection whose update is the gate-weighted sum of the experts' (MoLoRA,
         MoV): y + s sum_j g_j B_j A_j x, or (sum_j g_j l_j) * y; the gates sum to 1."""
         if self.kind == "lora" and hasattr(self, f"{name}_lora_A"):
-            ax_NER = torch.einsum("ni,eri->ner", x_NI, getattr(self, f"{name}_lora_A")) * gates_NE[..., None]
-            return y_NO + torch.einsum("ner,eor->no", ax_NER, getattr(self, f"{name}_lora_B")) * self.scaling
+            a_ERI, b_EOR = getattr(self, f"{name}_lora_A"), getattr(self, f"{name}_lora_B")
+            ax_NER = F.linear(x_NI, a_ERI.flatten(0, 1)).unflatten(-1, a_ERI.shape[:2])
+            ax_NER = ax_NER * (gates_NE[..., None] * self.scaling)
+            return y_NO + F.linear(ax_NER.flatten(1), b_EOR.transpose(0, 1).flatten(1))
         scale_EO = self.output_scale(name)
         return y_NO if scale_EO is None else y_NO * (gates_NE @ scale_EO)
 
@@ -113,8 +119,9 @@ class Adapter(nn.Module):
         projection of gated attention experts, y = W sum_j x_j (W is linear, so computed once)."""
         if self.kind != "lora" or not hasattr(self, f"{name}_lora_A"):
             return y_NO
-        ax_NER = torch.einsum("nei,eri->ner", x_NEI, getattr(self, f"{name}_lora_A"))
-        return y_NO + torch.einsum("ner,eor->no", ax_NER, getattr(self, f"{name}_lora_B")) * self.scaling
+        a_ERI, b_EOR = getattr(self, f"{name}_lora_A"), getattr(self, f"{name}_lora_B")
+        ax_NX = F.linear(x_NEI.flatten(1), torch.block_diag(*a_ERI)) * self.scaling  # expert j's A on its x_j
+        return y_NO + F.linear(ax_NX, b_EOR.transpose(0, 1).flatten(1))
 
     def expert_update(self, name: str, e: int, x: torch.Tensor) -> torch.Tensor | None:
         """Expert e's LoRA update s B_e A_e x of projection `name`, or None (no LoRA on it)."""

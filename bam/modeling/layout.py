@@ -59,6 +59,13 @@ and lora_B weights), the FFN's fused input as two pairs, `gate_up_proj_lora_A` [
 `gate_up_proj_lora_B` [2, F, r] (gate first); for (IA)³ `{proj}_ia3`, the output's width for q/k/v
 and down_proj's input width F. Decay would pull an (IA)³ vector to 0, not to its identity 1: they
 are 1-D, so they do not decay.
+
+With adapter experts (config.adapter_experts) the experts share one copy of the seed's weights
+(`n_weight_copies`: q/k/v/o, their norms and the FFN's [1, ...] stack hold one expert's worth) and
+each adapter tensor gains a leading expert dim, one adapter per expert of its projection
+(`projection_experts`: q/o n_attn_experts, k/v n_kv_experts, the FFN's n_ffn_experts), e.g.
+`q_proj_lora_A` [Na, r, D], `gate_up_proj_lora_B` [E, 2, F, r], `down_proj_ia3` [E, F]; their 2-D
+stacks of vectors still do not decay.
 """
 
 from __future__ import annotations
@@ -113,9 +120,10 @@ class Param:
 
     @property
     def decays(self) -> bool:
-        # Matrices decay, vectors (norm weights, biases) never: the FFN experts' biases (ffn_bias) are
-        # [E, F] stacks of vectors, so a bias is known by its name.
-        return ROLES[self.role].decays and len(self.shape) >= 2 and not self.name.endswith("bias")
+        # Matrices decay, vectors (norm weights, biases, (IA)³'s) never: the FFN experts' biases
+        # (ffn_bias) and adapter experts' (IA)³ vectors are [E, ...] stacks of vectors, so they are
+        # known by their names.
+        return ROLES[self.role].decays and len(self.shape) >= 2 and not self.name.endswith(("bias", "_ia3"))
 
     @property
     def trained(self) -> bool:

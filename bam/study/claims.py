@@ -10,7 +10,7 @@ import operator
 import statistics
 from pathlib import Path
 
-from bam.study.methods import ATTENTION_TOPK
+from bam.study.methods import ADAPTER_EXPERT_METHODS, ATTENTION_TOPK
 from bam.study.report import METHOD_LABELS, model_label
 from bam.study.results import ADD_EXPERT_ROLES, ModelKey, ModelRuns
 from bam.study.settings import StudySettings
@@ -22,9 +22,11 @@ def _stat(values: list[float]) -> dict:
 
 
 def assemble(settings: StudySettings, runs: dict[ModelKey, ModelRuns], corpus: dict, provenance: dict,
-             title: str, recipes: dict[str, dict] | None = None) -> dict:
+             title: str, recipes: dict[str, dict] | None = None,
+             adapter_recipes: dict[str, dict] | None = None) -> dict:
     """The study's results (report.py's input): `runs` in the order they were recorded, summarized.
-    `recipes`: how each ablation method was mixed (Study.recipe_record), for the ablations section."""
+    `recipes`: how each ablation method was mixed (Study.recipe_record), for the ablations section;
+    `adapter_recipes`: how each method of adapter experts was (AdapterRecipe, its `describe`)."""
     domains = list(settings.domains)
     models = {}
     for key, model in runs.items():
@@ -48,7 +50,8 @@ def assemble(settings: StudySettings, runs: dict[ModelKey, ModelRuns], corpus: d
     return {"title": title, "summary": summary, "domains": domains, "seeds": settings.seeds,
             "settings": settings.record(), "corpus": corpus, "provenance": provenance, "models": models,
             "ordering": ordering, "add_expert": summarize_add_expert(settings, runs),
-            "ablations": check_ablations(models, settings, recipes or {})}
+            "ablations": check_ablations(models, settings, recipes or {}),
+            "adapter_experts": check_adapter_experts(models, settings, adapter_recipes or {})}
 
 
 def check_ordering(models: dict[ModelKey, dict], domains: list[str], settings: StudySettings) -> dict:
@@ -140,6 +143,91 @@ def check_ablations(models: dict[ModelKey, dict], settings: StudySettings, recip
     if not claims and not recipes:
         return None
     return {"recipes": recipes, "claims": claims}
+
+
+# ---------------------------------------------------------------------------------------------
+# Adapter experts (issue 17, METHOD.md 7; bam/study/methods.py)
+
+COST_KEYS = ("params_total", "params_active", "flops_per_token", "kv_cache_bytes_per_token")
+SEED_PARAMS_LIMIT = 1.25  # issue 17: lora-bam holds at most 1.25x the seed's parameters
+GAIN_CLOSED_TARGET = 0.7  # issue 17: lora-bam closes at least 70% of full BAM's average gain over the seed
+FULL_BAM = ModelKey.mixture("bam", "DM")  # the full method the adapter experts are measured against
+
+
+def gain_closed(seed: float, method: float, bam: float) -> float | None:
+    """The share of full BAM's average-perplexity gain over the seed that `method` achieves:
+    (seed - method) / (seed - bam); None when full BAM did not improve on the seed."""
+    return (seed - method) / (seed - bam) if seed > bam else None
+
+
+def check_adapter_experts(models: dict[ModelKey, dict], settings: StudySettings,
+                          recipes: dict[str, dict]) -> dict | None:
+    """For each method of adapter experts (data-matched): its average perplexity, the share of full
+    BAM's gain it closes per seed, its costs beside its full-expert twin's and the seed's, its
+    mixture training's tokens/s; then issue 17's claims, checked per seed. None without such a method."""
+    methods = [m for m in settings.methods if m in ADAPTER_EXPERT_METHODS]
+    if not methods:
+        return None
+    seed, bam = models[ModelKey.seed()], models.get(FULL_BAM)
+    rows = {}
+    for method in methods:
+        model = models[ModelKey.mixture(method, "DM")]
+        closed = None
+        if bam is not None:
+            shares = [gain_closed(*avgs) for avgs in zip(seed["avg_ppl"]["per_seed"], model["avg_ppl"]["per_seed"],
+                                                            bam["avg_ppl"]["per_seed"])]
+            closed = None if None in shares else _stat(shares)
+        cost, twin = model["cost"], model["cost"].get("full_experts")
+        rows[method] = {
+            "model": ModelKey.mixture(method, "DM"), "recipe": recipes.get(method), "avg_ppl": model["avg_ppl"],
+            "gain_closed": closed, "params_vs_seed": cost["params_total"] / seed["cost"]["params_total"],
+            "cost": {k: cost[k] for k in COST_KEYS}, "full_experts": twin,
+            "full_experts_vs_seed": twin["params_total"] / seed["cost"]["params_total"] if twin else None,
+            "train_tokens_per_s": cost.get("train_tokens_per_s"),
+        }
+    reference = None if bam is None else {"avg_ppl": bam["avg_ppl"], "cost": {k: bam["cost"][k] for k in COST_KEYS},
+                                          "train_tokens_per_s": bam["cost"].get("train_tokens_per_s")}
+    return {"seed": {"avg_ppl": seed["avg_ppl"], "cost": {k: seed["cost"][k] for k in COST_KEYS}},
+            "full_bam": reference, "rows": rows, "claims": adapter_claims(rows, settings, bam is not None)}
+
+
+def adapter_claims(rows: dict[str, dict], settings: StudySettings, have_bam: bool) -> list[dict]:
+    """Issue 17's claims about the methods that ran: each {"claim", "ours" (the numbers), "per_seed"
+    (whether it holds, or None when it cannot be checked), "verdict"}."""
+    n = len(settings.seeds)
+    claims = []
+
+    def claim(text: str, ours: str, per_seed: list[bool] | None, why_not: str = "") -> None:
+        claims.append({"claim": text, "ours": ours, "per_seed": per_seed,
+                       "verdict": verdict(per_seed) if per_seed is not None else f"cannot say ({why_not})"})
+
+    if "lora-bam" in rows:
+        row = rows["lora-bam"]
+        twin = row["full_experts_vs_seed"]
+        claim(f"lora-bam holds at most {SEED_PARAMS_LIMIT}x the seed's parameters",
+              f"{row['params_vs_seed']:.3f}x the seed's" + (f" (its full-expert twin: {twin:.3f}x)" if twin else ""),
+              [row["params_vs_seed"] <= SEED_PARAMS_LIMIT] * n)  # (a config's count: the same every seed)
+        closed = row["gain_closed"]
+        claim(f"lora-bam closes at least {GAIN_CLOSED_TARGET:.0%} of full BAM's average gain over the seed",
+              "—" if closed is None else
+              f"{closed['mean']:.1%} (per seed: {', '.join(f'{x:.1%}' for x in closed['per_seed'])})",
+              None if closed is None else [x >= GAIN_CLOSED_TARGET for x in closed["per_seed"]],
+              "full BAM (DM) did not run" if not have_bam else "full BAM did not improve on the seed")
+    for kind in ("lora", "ia3"):
+        outputs, params = rows.get(f"{kind}-bam"), rows.get(f"{kind}-bam-param-mixing")
+        if outputs is None or params is None:
+            continue
+        a, b = outputs["avg_ppl"], params["avg_ppl"]
+        ca, cb = outputs["cost"], params["cost"]
+        rate_a, rate_b = outputs["train_tokens_per_s"], params["train_tokens_per_s"]
+        ours = (f"average perplexity {a['mean']:.3f} vs {b['mean']:.3f}; FLOPs/token {ca['flops_per_token']:,} vs "
+                f"{cb['flops_per_token']:,}; KV-cache bytes/token {ca['kv_cache_bytes_per_token']:,} vs "
+                f"{cb['kv_cache_bytes_per_token']:,}; train tokens/s "
+                + (f"{rate_a:.0f} vs {rate_b:.0f}" if rate_a and rate_b else "—"))
+        other = "MoLoRA" if kind == "lora" else "MoV"
+        claim(f"{kind}-bam: mixing attention outputs (BAM) beats mixing parameters ({other})", ours,
+              [x < y for x, y in zip(a["per_seed"], b["per_seed"])])
+    return claims
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,6 +30,21 @@ Top-k attention routing (METHOD.md 3.2) keeps the softmax of the attention route
 keeps the top k per token and renormalizes them (bam/modeling/attention.py). The paper's routing
 table is compute-matched and its soft row is the KV-sharing variant's, so `--ablations` runs the
 bam-shared ones; the bam ones are there for a study that wants them.
+
+Adapter experts (METHOD.md 7, issue 17; `bam demo --adapters`): each domain expert is an adapter on
+the frozen seed (`bam train SEED --adapter`, the study's `adapters:` settings), trained data-matched
+with the full expert of its domain (the same CPT steps, batch, sequence length and general-data
+fraction); `bam mix --base SEED ADAPTER...` (bam/mix/adapter_mix.py) makes the seed the general
+expert (a zero adapter) and expert i the seed plus domain i's adapter; the mixture trains its
+routers and adapters, the seed frozen, for the full methods' mixture steps (data-matched only):
+
+    method                   adapters   mixed as     attention experts mix
+    lora-btx                 LoRA       btx          (one attention: the adapters' q/k/v/o averaged in)
+    lora-bam                 LoRA       bam          outputs (BAM: sum_j g_j Attn_j)
+    lora-bam-shared          LoRA       bam-shared   outputs, k/v adapters averaged in (one KV cache)
+    lora-bam-param-mixing    LoRA       bam          parameters (MoLoRA: one attention, sum_j g_j delta_j)
+    ia3-bam                  (IA)³      bam          outputs
+    ia3-bam-param-mixing     (IA)³      bam          parameters (MoV)
 """
 
 from __future__ import annotations
@@ -38,15 +53,39 @@ import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from bam.mix.adapter_mix import adapter_mixed_config
 from bam.mix.mixing import mixed_config
-from bam.modeling.config import BamConfig
+from bam.modeling.config import BamConfig, config_from_dict
 from bam.modeling.cost import params_active, params_total
 
 MOE_METHODS = ("btx", "bam", "bam-shared")
 # `bam demo --ablations`: the paper's parameter-matched BTX and top-k attention routing (its Tables 4-6)
 ABLATION_METHODS = ("btx-param-matched", "btx-2n-experts", "btx-param-active-matched",
                     "bam-shared-attn-top1", "bam-shared-attn-top2")
-STUDY_METHODS = (*MOE_METHODS, *ABLATION_METHODS, "bam-attn-top1", "bam-attn-top2")
+
+
+@dataclass(frozen=True)
+class AdapterMethod:
+    """A method of adapter experts: the adapters' kind, `bam mix --method`, and `--attn-mixing`."""
+
+    adapter: str  # "lora" or "ia3"
+    mix_method: str  # bam.mix.adapter_mix.ADAPTER_METHODS
+    attn_mixing: str = "outputs"  # bam.modeling.config.ATTN_MIXINGS
+
+
+ADAPTER_EXPERT_METHODS = {
+    "lora-btx": AdapterMethod("lora", "btx"),
+    "lora-bam": AdapterMethod("lora", "bam"),
+    "lora-bam-shared": AdapterMethod("lora", "bam-shared"),
+    "lora-bam-param-mixing": AdapterMethod("lora", "bam", "parameters"),
+    "ia3-bam": AdapterMethod("ia3", "bam"),
+    "ia3-bam-param-mixing": AdapterMethod("ia3", "bam", "parameters"),
+}
+# `bam demo --adapters`: BTX and BAM of LoRA experts, BAM's two ways to mix attention experts, (IA)³
+ADAPTER_DEMO_METHODS = ("lora-btx", "lora-bam", "lora-bam-param-mixing", "ia3-bam")
+# The mixtures of full experts (every `bam mix` of whole models), then those of adapter experts
+FULL_EXPERT_METHODS = (*MOE_METHODS, *ABLATION_METHODS, "bam-attn-top1", "bam-attn-top2")
+STUDY_METHODS = (*FULL_EXPERT_METHODS, *ADAPTER_EXPERT_METHODS)
 # The top-k attention methods: name -> (the soft method it ablates, k)
 ATTENTION_TOPK = {f"{soft}-attn-top{k}": (soft, k) for soft in ("bam", "bam-shared") for k in (1, 2)}
 
@@ -92,8 +131,38 @@ class MixRecipe:
         return text
 
 
-def recipe(method: str, dense: BamConfig, n_domains: int, top_k: int = 1, renormalize: bool = False) -> MixRecipe:
-    """Study method `method` (STUDY_METHODS) for N = `n_domains` experts of config `dense`."""
+@dataclass(frozen=True)
+class AdapterRecipe(MixRecipe):
+    """How the study mixes a method of adapter experts: `bam mix --base SEED --method mix_method
+    --attn-mixing attn_mixing` over the domains' adapters, the seed the first (general) expert.
+    `adapter` holds the experts' adapter config fields (StudySettings.adapter_fields)."""
+
+    adapter: dict | None = None
+    attn_mixing: str = "outputs"
+
+    def config(self, dense: BamConfig, renormalize: bool = False) -> BamConfig:
+        """The mixture's config, as `bam mix --base` writes it."""
+        one_expert = config_from_dict({**dense.to_dict(), **self.adapter}, f"{self.adapter['adapter']} expert")
+        return adapter_mixed_config(dense, one_expert, self.mix_method, self.n_experts, attn_mixing=self.attn_mixing,
+                                    top_k=self.top_k, renormalize=renormalize)
+
+    def describe(self) -> str:
+        """e.g. "the seed + 3 LoRA experts (rank 8) mixed as bam, attention mixing outputs, FFN top-1 of 4"."""
+        kind = "LoRA" if self.adapter["adapter"] == "lora" else "(IA)³"
+        rank = f" (rank {self.adapter['lora_rank']})" if self.adapter["adapter"] == "lora" else ""
+        return (f"the seed + {self.n_domains - 1} {kind} experts{rank} on {', '.join(self.adapter['adapter_targets'])} "
+                f"mixed as {self.mix_method}, attention mixing {self.attn_mixing}, FFN top-{self.top_k} of "
+                f"{self.n_experts}")
+
+
+def recipe(method: str, dense: BamConfig, n_domains: int, top_k: int = 1, renormalize: bool = False,
+           adapters: dict[str, dict] | None = None) -> MixRecipe:
+    """Study method `method` (STUDY_METHODS) for N = `n_domains` experts of config `dense`; `adapters`:
+    the adapter config fields of each kind ("lora", "ia3"), for the adapter-expert methods."""
+    if method in ADAPTER_EXPERT_METHODS:
+        spec = ADAPTER_EXPERT_METHODS[method]
+        return AdapterRecipe(spec.mix_method, n_domains, top_k=top_k, adapter=adapters[spec.adapter],
+                             attn_mixing=spec.attn_mixing)
     if method in MOE_METHODS:
         return MixRecipe(method, n_domains, top_k=top_k)
     if method in ATTENTION_TOPK:

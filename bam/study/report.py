@@ -16,6 +16,9 @@ out as group, method and setting (`labelled`):
   results["ablations"]: the paper's ablations (bam.study.claims.check_ablations) or None: "recipes" (method ->
                         how it was mixed, bam.study.study.Study.recipe_record) and "claims", each comparing
                         two models' average perplexity ("a", "b": keys; labels in report.json) per seed
+  results["adapter_experts"]: methods of adapter experts (bam.study.claims.check_adapter_experts) or None:
+                         "seed", "full_bam" (average perplexity, costs), "rows" (method -> its
+                         numbers, "model": key; report.json's "name": label) and issue 17's "claims"
   results["add_expert"]: the Nexus extension experiment (bam.study.claims.summarize_add_expert) or None;
                          its models are in results["models"] with group "add-expert", its rows name
                          theirs by key ("model"), report.json's by label ("name").
@@ -43,7 +46,12 @@ METHOD_LABELS = {"btx": "BTX", "bam": "BAM KV experts", "bam-shared": "BAM KV sh
                  "bam-attn-top1": "BAM KV experts top-1 attention", "bam-attn-top2": "BAM KV experts top-2 attention",
                  "bam-shared-attn-top1": "BAM KV sharing top-1 attention",
                  "bam-shared-attn-top2": "BAM KV sharing top-2 attention",
+                 "lora-btx": "BTX of LoRA experts", "lora-bam": "BAM of LoRA experts",
+                 "lora-bam-shared": "BAM KV sharing of LoRA experts",
+                 "lora-bam-param-mixing": "BAM of LoRA experts, parameter mixing",
+                 "ia3-bam": "BAM of (IA)³ experts", "ia3-bam-param-mixing": "BAM of (IA)³ experts, parameter mixing",
                  "nexus": "Nexus", "nexus-bam": "Nexus-BAM KV experts", "nexus-bam-shared": "Nexus-BAM KV sharing"}
+ADAPTER_LABELS = {"lora": "LoRA", "ia3": "(IA)³"}
 # The add-expert experiment's models, by role (bam.study.results.ADD_EXPERT_ROLES)
 ADD_EXPERT_LABELS = {
     "before": "{method} before adding {domain}",
@@ -60,6 +68,8 @@ def model_label(key: ModelKey) -> str:
         return "seed"
     if key.group == "expert":
         return f"expert {key.domain}"
+    if key.group == "adapter-expert":
+        return f"{ADAPTER_LABELS[key.method]} expert {key.domain}"
     if key.group == "moe":
         return f"{METHOD_LABELS[key.method]} ({key.setting})"
     return ADD_EXPERT_LABELS[key.setting].format(method=METHOD_LABELS[key.method], domain=key.domain)
@@ -81,6 +91,11 @@ def labelled(results: dict) -> dict:
         claims = [{**claim, "a": model_label(claim["a"]), "b": model_label(claim["b"])}
                   for claim in ablations["claims"]]
         out["ablations"] = {**ablations, "claims": claims}
+    adapters = results.get("adapter_experts")
+    if adapters:
+        rows = {method: {"name": model_label(row["model"]), **{k: v for k, v in row.items() if k != "model"}}
+                for method, row in adapters["rows"].items()}
+        out["adapter_experts"] = {**adapters, "rows": rows}
     return out
 
 
@@ -187,6 +202,7 @@ def _smooth(values: list[float], weight: float = 0.9) -> list[float]:
 def plot_loss_curves(results: dict, out: Path) -> Path | None:
     """Training loss of the dense stages (seed, experts) and of the mixture runs, side by side."""
     titles = {"dense": "dense models: seed pretraining and expert CPT", "expert": "dense models: seed pretraining and expert CPT",
+              "adapter-expert": "adapter experts: CPT of an adapter on the frozen seed",
               "moe": "mixture training", "add-expert": "adding an expert: mixture, then finetune after adding"}
     panels = {title: [] for title in titles.values()}
     plotted = set()  # a CM run that trained the DM run's steps is the DM run (BTX's always): one curve
@@ -315,6 +331,54 @@ def ablation_lines(results: dict) -> list[str]:
     return md
 
 
+def _ratio(value: float, reference: float | None) -> str:
+    return f" ({value / reference:.2f}x)" if reference else ""
+
+
+def adapter_lines(results: dict) -> list[str]:
+    """The adapter experts' section (bam.study.claims.check_adapter_experts): per method how it was
+    mixed, its average perplexity and share of full BAM's gain, its costs against the seed's and its
+    full-expert twin's, its training tokens/s against full BAM's; then issue 17's claims."""
+    section = results["adapter_experts"]
+    seed, bam = section["seed"], section["full_bam"]
+    bam_rate = bam["train_tokens_per_s"] if bam else None
+    md = ["Each domain expert is also an adapter on the frozen seed, trained on the same data for the same steps "
+          "as the full expert; the seed is the general expert; the mixture trains its routers and adapters "
+          "(the seed frozen) for the full methods' steps (data-matched). Costs: parameters held and active, "
+          "inference FLOPs and KV-cache bytes per token; the full-expert twin is the same mixture with every "
+          "expert materialized (`bam mix --materialize`). Peak memory is measured by bench/, not here.", ""]
+    for method, row in section["rows"].items():
+        if row["recipe"]:
+            md.append(f"- {row['name']} (`{method}`): {row['recipe']['describe']}")
+    md += ["", "| model | avg perplexity | closes of full BAM's gain | params held (x seed) | params active | "
+           "FLOPs/token | KV-cache bytes/token | full-expert twin: held / active / FLOPs / KV bytes | "
+           "train tokens/s (x full BAM's) |", "|---|---|---|---|---|---|---|---|---|"]
+    c = seed["cost"]
+    md.append(f"| seed | {_ppl_cell(seed['avg_ppl'])} | 0% | {_human(c['params_total'])} (1.00x) | "
+              f"{_human(c['params_active'])} | {_human(c['flops_per_token'])} | "
+              f"{c['kv_cache_bytes_per_token']:,} | — | — |")
+    if bam:
+        c = bam["cost"]
+        md.append(f"| {model_label(ModelKey.mixture('bam', 'DM'))} | {_ppl_cell(bam['avg_ppl'])} | 100% | "
+                  f"{_human(c['params_total'])}{_ratio(c['params_total'], seed['cost']['params_total'])} | "
+                  f"{_human(c['params_active'])} | {_human(c['flops_per_token'])} | "
+                  f"{c['kv_cache_bytes_per_token']:,} | — | {_fmt(bam_rate, 0) if bam_rate else '—'} |")
+    for row in section["rows"].values():
+        c, twin, rate = row["cost"], row["full_experts"], row["train_tokens_per_s"]
+        closed = "—" if row["gain_closed"] is None else f"{row['gain_closed']['mean']:.1%}"
+        twin_cell = "—" if not twin else (
+            f"{_human(twin['params_total'])} ({row['full_experts_vs_seed']:.2f}x) / {_human(twin['params_active'])} / "
+            f"{_human(twin['flops_per_token'])} / {twin['kv_cache_bytes_per_token']:,}")
+        md.append(f"| {row['name']} | {_ppl_cell(row['avg_ppl'])} | {closed} | {_human(c['params_total'])} "
+                  f"({row['params_vs_seed']:.2f}x) | {_human(c['params_active'])} | {_human(c['flops_per_token'])} | "
+                  f"{c['kv_cache_bytes_per_token']:,} | {twin_cell} | "
+                  f"{(_fmt(rate, 0) + _ratio(rate, bam_rate)) if rate else '—'} |")
+    md += ["", "Tokens/s: the median of the mixture training's logged steps, on whatever else ran on the machine.",
+           "", "| issue 17's claim | ours | we see it |", "|---|---|---|"]
+    md += [f"| {claim['claim']} | {claim['ours']} | {claim['verdict']} |" for claim in section["claims"]]
+    return md
+
+
 def add_expert_table(results: dict) -> str:
     experiment = results["add_expert"]
     domain, old = experiment["domain"], experiment["old_domains"]
@@ -384,6 +448,9 @@ def write_report(results: dict, out: Path) -> None:
     if results.get("ablations"):
         md += ["", "## The paper's ablations (METHOD.md 6: parameter-matched BTX, top-k attention routing)", ""]
         md += ablation_lines(results)
+    if results.get("adapter_experts"):
+        md += ["", "## Adapter experts (issue 17, METHOD.md 7: LoRA and (IA)³ experts of the seed)", ""]
+        md += adapter_lines(results)
     experiment = results.get("add_expert")
     if experiment:
         md += ["", f"## Adding an expert later: {experiment['domain']} (Nexus, METHOD.md 3.3)", "",

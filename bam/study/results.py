@@ -21,10 +21,13 @@ ADD_EXPERT_ROLES = ("before", "added", "added-finetuned", "reset", "reset-finetu
 class ModelKey(NamedTuple):
     """One model of the study. `group`, `method` and `setting` are report.json's fields of it."""
 
-    group: str  # "dense" (the seed), "expert", "moe" (a mixture) or "add-expert" (the extension experiment)
-    method: str | None = None  # moe: the mixing method (MOE_METHODS); add-expert: the experiment's
+    # "dense" (the seed), "expert", "adapter-expert" (an adapter on the seed), "moe" (a mixture) or
+    # "add-expert" (the extension experiment)
+    group: str
+    method: str | None = None  # moe: the study method (STUDY_METHODS); add-expert: the experiment's;
+    #                            adapter-expert: the adapter's kind ("lora", "ia3")
     setting: str | None = None  # moe: "DM" or "CM" (data- or compute-matched); add-expert: the role
-    domain: str | None = None  # expert: its domain; add-expert: the domain added
+    domain: str | None = None  # expert, adapter-expert: its domain; add-expert: the domain added
 
     @classmethod
     def seed(cls) -> ModelKey:
@@ -33,6 +36,10 @@ class ModelKey(NamedTuple):
     @classmethod
     def expert(cls, domain: str) -> ModelKey:
         return cls("expert", domain=domain)
+
+    @classmethod
+    def adapter_expert(cls, kind: str, domain: str) -> ModelKey:
+        return cls("adapter-expert", kind, domain=domain)
 
     @classmethod
     def mixture(cls, method: str, setting: str) -> ModelKey:

@@ -16,7 +16,15 @@ import yaml
 
 from bam.data.corpus import DOMAINS, REFERENCE_MAX_CHARS
 from bam.errors import BamError, need
-from bam.study.methods import ABLATION_METHODS, ATTENTION_TOPK, MOE_METHODS, STUDY_METHODS
+from bam.modeling.config import ADAPTER_TARGETS
+from bam.study.methods import (
+    ABLATION_METHODS,
+    ADAPTER_DEMO_METHODS,
+    ADAPTER_EXPERT_METHODS,
+    ATTENTION_TOPK,
+    MOE_METHODS,
+    STUDY_METHODS,
+)
 from bam.train.config import TrainConfig
 
 ADD_EXPERT_METHODS = ("nexus", "nexus-bam", "nexus-bam-shared")
@@ -116,6 +124,51 @@ class AddExpertSettings:
 
 
 @dataclass
+class AdapterSettings:
+    """The adapter experts' shape (PIPELINE.yaml `adapters:`), for the adapter-expert methods
+    (bam/study/methods.py). LoRA on every linear projection at rank 8, alpha 16 (scaling 2): on the
+    default demo's seed a bam mixture of 4 such experts holds 1.16x the seed's parameters (rank 16:
+    1.31x, past issue 17's 1.25x). (IA)³ on PEFT's (and MoV's) k_proj, v_proj, down_proj.
+    `lr_scale` multiplies the learning rate of the adapters' CPT and of their mixtures' training (1:
+    the full methods' own; adapters are often trained at a higher rate than full weights)."""
+
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: list[str] = field(default_factory=lambda: list(ADAPTER_TARGETS["lora"]))
+    ia3_targets: list[str] = field(default_factory=lambda: ["k_proj", "v_proj", "down_proj"])
+    lr_scale: float = 1.0
+
+    def __post_init__(self):
+        need(isinstance(self.lora_rank, int) and not isinstance(self.lora_rank, bool) and self.lora_rank > 0,
+             "adapters.lora_rank", self.lora_rank, "a positive integer")
+        need(isinstance(self.lora_alpha, (int, float)) and not isinstance(self.lora_alpha, bool)
+             and self.lora_alpha > 0, "adapters.lora_alpha", self.lora_alpha, "a positive number")
+        for kind in ("lora", "ia3"):
+            targets = getattr(self, f"{kind}_targets")
+            need(isinstance(targets, list) and targets and all(t in ADAPTER_TARGETS[kind] for t in targets),
+                 f"adapters.{kind}_targets", targets, f"a non-empty list of {', '.join(ADAPTER_TARGETS[kind])}")
+        need(isinstance(self.lr_scale, (int, float)) and not isinstance(self.lr_scale, bool) and self.lr_scale > 0,
+             "adapters.lr_scale", self.lr_scale, "a positive number")
+
+    def training(self, section: TrainSettings) -> TrainSettings:
+        """A training section (cpt, mixture) for adapters: its learning rate times lr_scale."""
+        if self.lr_scale == 1:
+            return section
+        return TrainSettings({**section.values, "lr": section.values["lr"] * self.lr_scale})
+
+    def train_fields(self, kind: str) -> dict:
+        """`bam train --adapter KIND`'s fields (TrainConfig) of one domain's adapter expert."""
+        if kind == "lora":
+            return {"adapter": "lora", "adapter_rank": self.lora_rank, "adapter_alpha": float(self.lora_alpha),
+                    "adapter_targets": list(self.lora_targets)}
+        return {"adapter": "ia3", "adapter_targets": list(self.ia3_targets)}
+
+    def config_fields(self, kind: str) -> dict:
+        """The model config fields of such an adapter (bam/modeling/config.py), as `bam train` sets them."""
+        return TrainConfig(model="", data=["stage data"], out="", **self.train_fields(kind)).adapter_fields()
+
+
+@dataclass
 class StudySettings:
     """Everything a study depends on. The built-in demo is one of these (see DEMO_PRESETS).
 
@@ -147,6 +200,7 @@ class StudySettings:
     routing_max_tokens: int = 8192
     seeds: list[int] = field(default_factory=lambda: [0])
     add_expert: AddExpertSettings | None = None
+    adapters: AdapterSettings = field(default_factory=AdapterSettings)  # for the adapter-expert methods
 
     def __post_init__(self):
         for name in ("pretrain", "cpt", "mixture"):
@@ -155,6 +209,8 @@ class StudySettings:
             raise BamError("pretrain: steps=0 skips pretraining, which needs seed_model (a trained model)")
         if self.add_expert is not None and not isinstance(self.add_expert, AddExpertSettings):
             self.add_expert = _from_dict(AddExpertSettings, self.add_expert, "add_expert")
+        if not isinstance(self.adapters, AdapterSettings):
+            self.adapters = _from_dict(AdapterSettings, self.adapters, "adapters")
         if self.general_domain not in self.domains:
             raise BamError(f"general_domain={self.general_domain!r}: expected one of the domains "
                            f"({', '.join(self.domains)})")
@@ -180,6 +236,12 @@ class StudySettings:
     @property
     def expert_domains(self) -> list[str]:
         return [d for d in self.domains if d != self.general_domain]
+
+    @property
+    def adapter_kinds(self) -> list[str]:
+        """The kinds of adapter experts the methods need ("lora", "ia3"), in the methods' order."""
+        return list(dict.fromkeys(ADAPTER_EXPERT_METHODS[m].adapter for m in self.methods
+                                  if m in ADAPTER_EXPERT_METHODS))
 
     def record(self) -> dict:
         """Every setting as PIPELINE.yaml names it (report.json's `settings`)."""
@@ -212,16 +274,18 @@ DEMO_PRESETS = {
 }
 
 
-def demo_settings(preset: str, seeds: list[int] | None = None, ablations: bool = False) -> StudySettings:
-    """The built-in demo's settings (`bam demo --preset PRESET [--seeds ...] [--ablations]`);
-    `ablations` adds the paper's ablations (ABLATION_METHODS) to the mixtures."""
+def demo_settings(preset: str, seeds: list[int] | None = None, ablations: bool = False,
+                  adapters: bool = False) -> StudySettings:
+    """The built-in demo's settings (`bam demo --preset PRESET [--seeds ...] [--ablations] [--adapters]`);
+    `ablations` adds the paper's ablations (ABLATION_METHODS) to the mixtures, `adapters` the methods of
+    adapter experts (ADAPTER_DEMO_METHODS)."""
     if preset not in DEMO_PRESETS:
         raise BamError(f"--preset {preset!r}: expected one of {', '.join(DEMO_PRESETS)}")
     fields = dict(DEMO_PRESETS[preset])
     if seeds:
         fields["seeds"] = seeds
-    if ablations:
-        fields["methods"] = [*MOE_METHODS, *ABLATION_METHODS]
+    fields["methods"] = [*MOE_METHODS, *(ABLATION_METHODS if ablations else ()),
+                         *(ADAPTER_DEMO_METHODS if adapters else ())]
     return _from_dict(StudySettings, fields, "demo")
 
 

@@ -6,8 +6,11 @@ it depends on (its settings and its inputs' stage names), complete when it holds
     corpus -> tokenizer -> shards -> seed -> experts (continued pretraining, one per domain)
            -> mix (one per method) -> mixture training (data- and compute-matched) -> eval -> report
 
-The methods are bam/study/methods.py's: BTX, BAM and BAM KV sharing, and the paper's ablations (BTX
-with copies of the seed's FFN at BAM's parameter counts, BAM with top-k attention routing).
+The methods are bam/study/methods.py's: BTX, BAM and BAM KV sharing, the paper's ablations (BTX
+with copies of the seed's FFN at BAM's parameter counts, BAM with top-k attention routing), and
+mixtures of adapter experts (issue 17): for those, each domain's expert is also trained as an adapter
+on the frozen seed (stage adapter-KIND-DOMAIN, data-matched with the full expert-DOMAIN), and the
+seed and the adapters are mixed by `bam mix --base` (bam/mix/adapter_mix.py).
 
 With `add_expert` set (the demo sets it), the study also runs Nexus's extension experiment
 (METHOD.md 3.3): one expert domain is held out of a Nexus mixture, which is trained on the
@@ -47,6 +50,7 @@ from bam.eval.perplexity import evaluate_domains
 from bam.eval.routing import routing_statistics
 from bam.formats.model_dir import init_model, load_model, open_model
 from bam.io.atomic import atomic_output_dir
+from bam.mix.adapter_mix import mix_adapters
 from bam.mix.add_expert import add_expert
 from bam.mix.extend import finetune_weights
 from bam.mix.mixing import mix
@@ -54,7 +58,7 @@ from bam.mix.nexus import DomainEmbeddings, EmbeddingSource, embed_domains
 from bam.modeling.cost import flops_per_token, params_active, params_total, summarize
 from bam.modeling.presets import build_config, preset_fields
 from bam.study.claims import assemble
-from bam.study.methods import MOE_METHODS, MixRecipe, recipe
+from bam.study.methods import ADAPTER_EXPERT_METHODS, MOE_METHODS, MixRecipe, recipe
 from bam.study.report import model_label, write_report
 from bam.study.results import ModelKey, ModelRuns
 from bam.study.settings import BUILTIN, StudySettings, TrainSettings, demo_settings
@@ -201,12 +205,16 @@ class Study:
         return self.train_stage("seed", start, weights, s.pretrain, seed)
 
     def train_stage(self, name: str, model: Path, weights: dict[str, float], settings: TrainSettings,
-                    seed: int, max_steps: int | None = None) -> Path:
-        """Train `model` in stage `name`; the stage key covers the input model's own stage name."""
+                    seed: int, max_steps: int | None = None, adapter: dict | None = None) -> Path:
+        """Train `model` in stage `name`; the stage key covers the input model's own stage name.
+        `adapter`: train only a new adapter on the frozen `model` (TrainConfig's adapter fields,
+        AdapterSettings.train_fields); the stage's model is then a PEFT adapter directory."""
         steps = max_steps or settings.steps
         spec = {"model": self.rel(model), "weights": weights, "train": settings.values,
                 "steps": steps, "seed": seed, "seq_len": self.settings.seq_len,
                 "domains": {n: d.path.name for n, d in self.domains.items()}}
+        if adapter is not None:  # (only then: the other stages keep their names)
+            spec["adapter"] = adapter
         stage = self.stages.dir(name, spec)
         if self.stages.done(stage):
             return stage / "run" / "model"
@@ -215,25 +223,39 @@ class Study:
         started = time.time()
         result = train(settings.config(
             model=model, data=list(self.domains.values()), data_weights=weights, out=stage / "run",
-            max_steps=steps, seq_len=self.settings.seq_len, seed=seed, resume=True, keep=1,
+            max_steps=steps, seq_len=self.settings.seq_len, seed=seed, resume=True, keep=1, **(adapter or {}),
         ))
         self.stages.finish(stage, {"seconds": time.time() - started, "steps": steps})
         return result
+
+    def cpt_weights(self, domain: str) -> dict[str, float]:
+        """The data of `domain`'s expert: the domain, and general data (METHOD.md 1.3)."""
+        s = self.settings
+        weights = {d: 0.0 for d in s.domains}
+        weights[domain] = 1 - s.cpt_general_fraction
+        weights[s.general_domain] = s.cpt_general_fraction
+        return weights
 
     def experts(self, seed_model: Path, seed: int) -> dict[str, Path]:
         s = self.settings
         experts = {s.general_domain: seed_model}
         for domain in s.expert_domains:
-            weights = {d: 0.0 for d in s.domains}
-            weights[domain] = 1 - s.cpt_general_fraction
-            weights[s.general_domain] = s.cpt_general_fraction
-            experts[domain] = self.train_stage(f"expert-{domain}", seed_model, weights, s.cpt, seed)
+            experts[domain] = self.train_stage(f"expert-{domain}", seed_model, self.cpt_weights(domain), s.cpt, seed)
         return experts
+
+    def adapter_experts(self, seed_model: Path, seed: int, kind: str) -> dict[str, Path]:
+        """Each expert domain's `kind` adapter on the frozen seed, data-matched with its full expert:
+        the same data, CPT settings and steps, only the adapter trains (`bam train --adapter`)."""
+        s = self.settings
+        return {domain: self.train_stage(f"adapter-{kind}-{domain}", seed_model, self.cpt_weights(domain),
+                                         s.adapters.training(s.cpt), seed, adapter=s.adapters.train_fields(kind))
+                for domain in s.expert_domains}
 
     def recipe(self, method: str, experts: dict[str, Path]) -> MixRecipe:
         """How `method` is mixed from `experts` (bam/study/methods.py), from the seed's config."""
         s = self.settings
-        return recipe(method, open_model(experts[s.general_domain]).config, len(experts), s.top_k, s.renormalize)
+        return recipe(method, open_model(experts[s.general_domain]).config, len(experts), s.top_k, s.renormalize,
+                      adapters={kind: s.adapters.config_fields(kind) for kind in ("lora", "ia3")})
 
     def recipe_record(self, method: str, experts: dict[str, Path]) -> dict:
         """The recipe of `method` and its parameter counts beside BAM KV experts' (the report's)."""
@@ -264,12 +286,31 @@ class Study:
                 self.stages.finish(tmp, {"method": method, "recipe": dataclasses.asdict(plan)})
         return stage / "model"
 
+    def adapter_mixed(self, method: str, seed_model: Path, adapters: dict[str, Path], seed: int) -> Path:
+        """`bam mix --base SEED ADAPTER...`: the seed the general (first) expert, then the adapters."""
+        s = self.settings
+        plan = self.recipe(method, {s.general_domain: seed_model, **adapters})
+        spec = {"method": method, "seed_model": self.rel(seed_model),
+                "adapters": {d: self.rel(p) for d, p in adapters.items()}, "recipe": dataclasses.asdict(plan),
+                "renormalize": s.renormalize, "std": s.router_init_std, "seed": seed}
+        stage = self.stages.dir(f"mix-{method}", spec)
+        if not self.stages.done(stage):
+            log(f"mixing {method}: {plan.describe()}")
+            with atomic_output_dir(stage, overwrite=True) as tmp:
+                mix_adapters(open_model(seed_model), list(adapters.values()), plan.mix_method, tmp / "model",
+                             base_expert=True, attn_mixing=plan.attn_mixing, top_k=plan.top_k,
+                             renormalize=s.renormalize, router_init_std=s.router_init_std, seed=seed)
+                self.stages.finish(tmp, {"method": method, "recipe": dataclasses.asdict(plan)})
+        return stage / "model"
+
     def mixture_steps(self, method: str, experts: dict[str, Path]) -> dict[str, int]:
         """Data-matched: every method trains the same steps. Compute-matched: same training FLOPs
-        as BTX (the cheapest per token), so a costlier method trains proportionally fewer steps."""
+        as BTX (the cheapest per token), so a costlier method trains proportionally fewer steps.
+        Adapter experts train data-matched only (issue 17 compares them with the full methods at
+        equal data)."""
         s = self.settings
         steps = {"DM": s.mixture.steps}
-        if s.compute_matched and method != "btx":
+        if s.compute_matched and method != "btx" and method not in ADAPTER_EXPERT_METHODS:
             dense = open_model(experts[s.general_domain]).config
             btx = flops_per_token(self.recipe("btx", experts).config(dense, s.renormalize), s.seq_len)
             this = flops_per_token(self.recipe(method, experts).config(dense, s.renormalize), s.seq_len)
@@ -363,6 +404,7 @@ def run_study(settings: StudySettings, out: Path, title: str = "bam run") -> dic
     study.prepare_data()
     runs: dict[ModelKey, ModelRuns] = {}  # in the order the report lists the models
     recipes: dict[str, dict] = {}  # how each ablation was mixed (the same for every seed)
+    adapter_recipes: dict[str, dict] = {}  # how each method of adapter experts was mixed
 
     def record(key: ModelKey, model_dir: Path, seed: int, metrics: Path | None = None, routing: bool = False,
                experts: list[str] | None = None) -> None:
@@ -381,14 +423,24 @@ def run_study(settings: StudySettings, out: Path, title: str = "bam run") -> dic
         for domain, path in experts.items():
             if domain != settings.general_domain:
                 record(ModelKey.expert(domain), path, seed, path.parent / "metrics.jsonl")
+        adapters = {kind: study.adapter_experts(seed_model, seed, kind) for kind in settings.adapter_kinds}
+        for kind, by_domain in adapters.items():
+            for domain, path in by_domain.items():
+                record(ModelKey.adapter_expert(kind, domain), path, seed, path.parent / "metrics.jsonl")
         for method in settings.methods:
-            mixed = study.mixed(method, experts, seed)
             plan = study.recipe(method, experts)
-            if method not in MOE_METHODS:
+            if method in ADAPTER_EXPERT_METHODS:
+                mixed = study.adapter_mixed(method, seed_model, adapters[ADAPTER_EXPERT_METHODS[method].adapter], seed)
+                adapter_recipes[method] = {**dataclasses.asdict(plan), "describe": plan.describe()}
+            else:
+                mixed = study.mixed(method, experts, seed)
+            if method not in MOE_METHODS and method not in ADAPTER_EXPERT_METHODS:
                 recipes[method] = study.recipe_record(method, experts)
+            training = settings.adapters.training(settings.mixture) if method in ADAPTER_EXPERT_METHODS \
+                else settings.mixture
             for setting, steps in study.mixture_steps(method, experts).items():
                 trained = study.train_stage(f"mixture-{method}", mixed, {d: 1.0 for d in settings.domains},
-                                            settings.mixture, seed, max_steps=steps)
+                                            training, seed, max_steps=steps)
                 key = ModelKey.mixture(method, setting)
                 record(key, trained, seed, trained.parent / "metrics.jsonl", routing=True,
                        experts=plan.expert_names(list(experts)))
@@ -398,7 +450,7 @@ def run_study(settings: StudySettings, out: Path, title: str = "bam run") -> dic
         if settings.add_expert is not None:
             add_expert_experiment(study, seed_model, experts, seed, record)
 
-    results = assemble(settings, runs, study.corpus_info, study.provenance(), title, recipes)
+    results = assemble(settings, runs, study.corpus_info, study.provenance(), title, recipes, adapter_recipes)
     with atomic_output_dir(out / "report", overwrite=True) as tmp:
         write_report(results, tmp)
     log(f"report written to {out / 'report' / 'report.md'}")
@@ -432,6 +484,8 @@ def add_expert_experiment(study: Study, seed_model: Path, experts: dict[str, Pat
         file(f"{variant}-finetuned", tuned, [*routed, domain], tuned.parent / "metrics.jsonl")
 
 
-def run_demo(preset: str, out: Path, seeds: list[int] | None = None, ablations: bool = False) -> dict:
-    return run_study(demo_settings(preset, seeds, ablations), out,
-                     title=f"bam demo --preset {preset}{' --ablations' if ablations else ''}")
+def run_demo(preset: str, out: Path, seeds: list[int] | None = None, ablations: bool = False,
+             adapters: bool = False) -> dict:
+    switches = f"{' --ablations' if ablations else ''}{' --adapters' if adapters else ''}"
+    return run_study(demo_settings(preset, seeds, ablations, adapters), out,
+                     title=f"bam demo --preset {preset}{switches}")
