@@ -17,7 +17,8 @@ import torch
 from bench.common import RESULTS_DIR, Options, log, render_markdown, write_json, write_markdown
 
 # matmul first: train_step's MFU divides by the peak it measures in the same run.
-BENCHMARKS = ("matmul", "moe_ffn", "attention", "train_step", "generation", "mixing")
+BENCHMARKS = ("matmul", "moe_ffn", "attention", "train_step", "generation", "mixing", "adapter_experts",
+              "kv_compression")
 
 
 def load(name: str):
@@ -35,8 +36,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per implementation (default per size)")
     p.add_argument("--warmup", type=int, default=None, help="warmup calls per implementation (default per size)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help=f"results directory (default {RESULTS_DIR})")
-    p.add_argument("--no-install", action="store_true", help="mixing: do not create the mergekit virtualenv")
-    p.add_argument("--no-peers", action="store_true", help="mixing: do not run mergekit-moe")
+    p.add_argument("--no-install", action="store_true",
+                   help="mixing, kv_compression: do not create the mergekit / kvpress virtualenv")
+    p.add_argument("--no-peers", action="store_true", help="mixing, kv_compression: do not run mergekit-moe / kvpress")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     args = p.parse_args(argv)
     if args.size and args.quick and args.size != "quick":

@@ -37,9 +37,11 @@ ROOT = Path(__file__).resolve().parent.parent
 LOCKS = {"default": ROOT / "requirements" / "default.txt", "test": ROOT / "requirements" / "test.txt"}
 EXTRAS = {"default": "", "test": "[test]"}
 # What `newest` runs: the tests an upstream release breaks first (model and generation, mixing,
-# Hugging Face import/export, GGUF through transformers' loader, PEFT adapters, the demo end to end).
+# Hugging Face import/export, GGUF through transformers' loader, PEFT adapters and adapter experts,
+# SnapKV on transformers' cache, the demo end to end).
 NEWEST_TESTS = ["tests/test_model.py", "tests/test_generate.py", "tests/test_mix.py", "tests/test_hf_import.py",
-                "tests/test_export.py", "tests/test_gguf.py", "tests/test_adapters.py", "tests/test_pipeline.py"]
+                "tests/test_export.py", "tests/test_gguf.py", "tests/test_adapters.py", "tests/test_adapter_mix.py",
+                "tests/test_kv_compression.py", "tests/test_pipeline.py"]
 
 
 def log(message: str) -> None:

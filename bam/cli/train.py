@@ -207,14 +207,35 @@ def _register_eval(subparsers) -> None:
     tasks.add_argument("--tasks", metavar="T1,T2", help="lm-eval task names, e.g. hellaswag or a local YAML task")
     tasks.add_argument("--include-path", metavar="DIR", help="directory of local lm-eval task YAML files")
     tasks.add_argument("--limit", type=int, default=None, help="examples per task (for a quick look)")
+    long = p.add_argument_group("long context, with SnapKV prompt compression (docs/kv-compression.md)")
+    long.add_argument("--long-context", choices=("retrieval", "continuation"), default=None,
+                      help="retrieval: a passkey at --depths of --lengths tokens of real text, exact-match accuracy; "
+                           "continuation: perplexity of the next --continuation tokens after a --lengths prompt")
+    long.add_argument("--kv-budget", default=None, metavar="B[,B...]",
+                      help="compress each prompt's KV cache with SnapKV to B positions per KV head: tokens (512) or "
+                           "a fraction of the prompt (0.25); 'none' = uncompressed; several budgets run on the same cases")
+    long.add_argument("--kv-split", default="even", choices=("even", "gate"),
+                      help="with KV experts, split the budget evenly (default) or by the router's gates")
+    long.add_argument("--lengths", default="1024", metavar="N[,N...]", help="tokens of text per prompt (default 1024)")
+    long.add_argument("--depths", default="0.1,0.5,0.9", metavar="D[,D...]",
+                      help="retrieval: where the passkey goes, as fractions of the text (default 0.1,0.5,0.9)")
+    long.add_argument("--cases", type=int, default=5, help="prompts per length and depth (default 5)")
+    long.add_argument("--continuation", type=int, default=128, help="continuation tokens scored (default 128)")
+    long.add_argument("--seed", type=int, default=0, help="seed of the cases (passkeys, text offsets)")
     p.set_defaults(func=cmd_eval)
 
 
 def cmd_eval(args) -> int:
     from bam.eval.perplexity import evaluate_model, format_table, summary  # noqa: PLC0415
 
-    if not args.data and not args.tasks:
-        raise BamError("give --data NAME=PATH ... (perplexity) and/or --tasks T1,T2 (lm-eval)")
+    if not args.data and not args.tasks and not args.long_context:
+        raise BamError("give --data NAME=PATH ... (perplexity), --tasks T1,T2 (lm-eval) and/or --long-context TASK")
+    if args.long_context:
+        if args.tasks or args.data:
+            raise BamError("--long-context runs alone (without --data or --tasks)")
+        return cmd_eval_long_context(args)
+    if args.kv_budget is not None:
+        raise BamError("--kv-budget applies to --long-context (perplexity windows are scored without a cache)")
     if args.tasks:
         from bam.eval.harness import format_results, run_lm_eval  # noqa: PLC0415
 
@@ -234,6 +255,24 @@ def cmd_eval(args) -> int:
     else:
         print(f"{args.model} ({args.split} split, seq_len {seq_len})")
         print(format_table(scores))
+    return 0
+
+
+def cmd_eval_long_context(args) -> int:
+    from bam.eval.long_context import evaluate_long_context, format_long_context, parse_list  # noqa: PLC0415
+    from bam.modeling.kv_compression import parse_budget  # noqa: PLC0415
+
+    budgets = [None if b.strip().lower() == "none" else parse_budget(b.strip())
+               for b in (args.kv_budget or "none").split(",") if b.strip()]
+    result = evaluate_long_context(
+        args.model, args.long_context, budgets, split=args.kv_split,
+        lengths=parse_list(args.lengths, int, "--lengths"), depths=parse_list(args.depths, float, "--depths"),
+        n_cases=args.cases, seed=args.seed, n_continuation=args.continuation)
+    if args.json:
+        json.dump(result, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        print(format_long_context(result))
     return 0
 
 
