@@ -49,7 +49,10 @@ depend on the token: it costs `nexus_projection_flops` per layer once per forwar
 be cached at inference), so it is not in the per-token count. Not counted (all O(d) per layer,
 O(Na*d) for the gates): norms, RoPE, softmax, the activation, gating products (mixing parameters:
 the gated sums of the experts' projections or (IA)3 vectors), (IA)3's elementwise scaling, biases,
-the embedding lookup. Training = 3x inference (forward + backward).
+the embedding lookup. These are the FLOPs the method needs: adapter experts' implementation also
+multiplies zero blocks (block-diagonal updates, bam/modeling/adapters.py), 2 r O Na (Na - 1) for each
+of q/k/v mixing outputs and 2 r q Na (Na - 1) for o, which are left out. Training = 3x inference
+(forward + backward).
 
 KV-cache bytes per token: L * 2 (K and V) * Nc * H_kv * Dh * dtype_bytes, Nc = config.n_kv_caches:
 Nkv K/V sets when attention experts mix outputs, 1 when they mix parameters (keys and values are
