@@ -234,20 +234,27 @@ def test_ablation_claims_on_hand_made_numbers():
     assert check_ablations(models, StudySettings(), {}) is None  # no ablation ran
 
 
-@pytest.fixture(scope="module")
-def ablation_study(tmp_path_factory):
-    """A tiny study of every mixture of full experts, the ablations included: three domains of this machine's text
-    (prose, the json package's code, the email package's), a few steps per stage, two seeds."""
-    root = tmp_path_factory.mktemp("ablations")
+TINY_TRAIN = {"steps": 4, "batch_size": 4, "lr": 0.003, "warmup": 1, "save_every": 4}
+
+
+def three_domains(root: Path) -> dict[str, str]:
+    """Three domains of this machine's text: prose, the json package's code, the email package's."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
 
     def package(name: str) -> list[str]:
         return [doc for f in sorted((stdlib / name).glob("*.py")) for doc in paragraphs(f.read_text(encoding="utf-8"))]
 
-    domains = {"general": str(write_jsonl(root / "prose.jsonl", prose_documents())),
-               "json": str(write_jsonl(root / "json.jsonl", package("json"))),
-               "email": str(write_jsonl(root / "email.jsonl", package("email")))}
-    train = {"steps": 4, "batch_size": 4, "lr": 0.003, "warmup": 1, "save_every": 4}
+    return {"general": str(write_jsonl(root / "prose.jsonl", prose_documents())),
+            "json": str(write_jsonl(root / "json.jsonl", package("json"))),
+            "email": str(write_jsonl(root / "email.jsonl", package("email")))}
+
+
+@pytest.fixture(scope="module")
+def ablation_study(tmp_path_factory):
+    """A tiny study of every mixture of full experts, the ablations included: three domains of this machine's text
+    (prose, the json package's code, the email package's), a few steps per stage, two seeds."""
+    root = tmp_path_factory.mktemp("ablations")
+    domains, train = three_domains(root), TINY_TRAIN
     settings = StudySettings(domains=domains, preset="tiny", vocab_size=300, seq_len=32, pretrain=train,
                              cpt=train, mixture={**train, "steps": 6}, methods=list(FULL_EXPERT_METHODS),
                              eval_max_tokens=256, eval_batch_size=4, routing_max_tokens=128, seeds=[0, 1])
@@ -401,15 +408,7 @@ def adapter_study(tmp_path_factory):
     """A tiny study of every method of adapter experts beside full BTX and BAM: three domains of this
     machine's text, a few steps per stage, one seed."""
     root = tmp_path_factory.mktemp("adapters")
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-
-    def package(name: str) -> list[str]:
-        return [doc for f in sorted((stdlib / name).glob("*.py")) for doc in paragraphs(f.read_text(encoding="utf-8"))]
-
-    domains = {"general": str(write_jsonl(root / "prose.jsonl", prose_documents())),
-               "json": str(write_jsonl(root / "json.jsonl", package("json"))),
-               "email": str(write_jsonl(root / "email.jsonl", package("email")))}
-    train = {"steps": 4, "batch_size": 4, "lr": 0.003, "warmup": 1, "save_every": 4}
+    domains, train = three_domains(root), TINY_TRAIN
     settings = StudySettings(domains=domains, preset="tiny", vocab_size=300, seq_len=32, pretrain=train,
                              cpt={**train, "steps": 5}, mixture={**train, "steps": 6},
                              methods=["btx", "bam", *ADAPTER_EXPERT_METHODS], adapters={"lora_rank": 4, "lr_scale": 2},
