@@ -38,3 +38,7 @@ def run_cases(cases_path: Path, out_path: Path, timeout: float = 3600) -> dict:
     if run.returncode != 0:
         return {"error": f"kvpress_snapkv.py exited {run.returncode}: {run.stderr.strip()[-1500:]}"}
     return {**json.loads(out_path.read_text()), "versions": info["versions"]}
+
+
+if __name__ == "__main__":  # python -m bench.kvpress_env: install the peer now
+    print(json.dumps(ensure(install=True), indent=2))

@@ -8,6 +8,8 @@ venv.
 
 from __future__ import annotations
 
+import json
+
 import re
 import sys
 import tempfile
@@ -40,3 +42,7 @@ def mergekit_requirements(python: str = sys.executable) -> dict:
 def ensure(install: bool = True) -> dict:
     """{"exe": path-to-mergekit-moe, "versions": ..., "requirements": ...} or {"error": reason}."""
     return MERGEKIT.ensure(install, prepare=lambda info: info.update(requirements=mergekit_requirements()))
+
+
+if __name__ == "__main__":  # python -m bench.mergekit_env: install the peer now
+    print(json.dumps(ensure(install=True), indent=2))

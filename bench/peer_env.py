@@ -81,7 +81,7 @@ class PeerEnv:
                 info["warning"] = f"existing venv unusable ({err}); reinstalling"
         if not install:
             return {**info, "error": f"{self.name} is not installed in {self.venv} "
-                                     f"(run `python -m bench.peer_env {self.name}` to install it)"}
+                                     f"(run `python -m bench.{self.name}_env` to install it)"}
         try:
             log(f"[bench] installing {self.name} into {self.venv} (log: {self.install_log})")
             self.install_log.parent.mkdir(parents=True, exist_ok=True)
@@ -100,11 +100,3 @@ class PeerEnv:
             info["error"] = f"{self.name} could not be installed: {err}; pip log tail: {self.log_tail()}"
         return info
 
-
-if __name__ == "__main__":  # python -m bench.peer_env mergekit|kvpress: install one peer now
-    from bench import kvpress_env, mergekit_env
-
-    peers = {"mergekit": mergekit_env.ensure, "kvpress": kvpress_env.ensure}
-    if len(sys.argv) != 2 or sys.argv[1] not in peers:
-        sys.exit(f"usage: python -m bench.peer_env {'|'.join(peers)}")
-    print(json.dumps(peers[sys.argv[1]](install=True), indent=2))
