@@ -65,6 +65,7 @@ from bam.study.results import ModelKey, ModelRuns
 from bam.study.settings import BUILTIN, StudySettings, TrainSettings, demo_settings
 from bam.study.stages import Stages, log, software_versions
 from bam.train.loop import train
+from bam.train.state import prune_training_states
 
 
 @dataclass
@@ -233,6 +234,9 @@ class Study:
             max_steps=steps, seq_len=self.settings.seq_len, seed=seed, resume=True, keep=1, **(adapter or {}),
         ))
         self.stages.finish(stage, {"seconds": time.time() - started, "steps": steps})
+        # A finished stage is never resumed: keep its model, not its weights-and-optimizer checkpoint
+        # (three times the model's size; a real seed's mixture is gigabytes).
+        prune_training_states(stage / "run", keep=0)
         return result
 
     def cpt_weights(self, domain: str) -> dict[str, float]:

@@ -100,7 +100,9 @@ def save_training_state(out: Path, step: int, model, optimizer, env: Dist, bad_s
 
 
 def prune_training_states(out: Path, keep: int) -> None:
-    for _, path in complete_training_states(out)[:-keep]:
+    """Remove all but the `keep` newest training states of run OUT (keep=0: every one)."""
+    states = complete_training_states(out)
+    for _, path in states[:max(0, len(states) - keep)]:
         remove_dir(path)  # moved aside first: a kill mid-delete never leaves a partial step_* visible
 
 
