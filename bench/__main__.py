@@ -40,6 +40,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="mixing, kv_compression: do not create the mergekit / kvpress virtualenv")
     p.add_argument("--no-peers", action="store_true", help="mixing, kv_compression: do not run mergekit-moe / kvpress")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    p.add_argument("--study", type=Path, default=None, metavar="OUT",
+                   help="kv_compression: the seed and the data-matched BAM KV experts / KV sharing mixtures a study "
+                        "trained (`bam run`/`bam demo` OUT, its report/report.json; seed 0) instead of mixtures of "
+                        "identical SmolLM2 copies")
     args = p.parse_args(argv)
     if args.size and args.quick and args.size != "quick":
         p.error("--quick and --size disagree")
@@ -60,7 +64,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     opts = Options(size=args.size, device=args.device, repeats=args.repeats, warmup=args.warmup,
-                   install=not args.no_install, peers=not args.no_peers)
+                   install=not args.no_install, peers=not args.no_peers, study=args.study)
     load_avg, cpus = os.getloadavg()[0], os.cpu_count() or 1
     if load_avg > cpus:
         log(f"warning: load average {load_avg:.1f} on {cpus} CPUs: other processes compete for the cores, so "

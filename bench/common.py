@@ -52,6 +52,7 @@ class Options:
     install: bool = True  # mixing: may create bench/.venv-mergekit
     peers: bool = True  # mixing: run mergekit-moe at all
     context: dict = field(default_factory=dict)  # results of earlier benchmarks in this run (matmul peak)
+    study: Path | None = None  # kv_compression: measure this study's seed and trained mixtures (bam run OUT)
 
     def __post_init__(self):
         if self.size not in SIZES:

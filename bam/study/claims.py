@@ -40,6 +40,7 @@ def assemble(settings: StudySettings, runs: dict[ModelKey, ModelRuns], corpus: d
             if rates:
                 cost["train_tokens_per_s"] = statistics.median(rates)
         models[key] = {"perplexity": ppl, "avg_ppl": avg, "cost": cost, "metrics": model.metrics,
+                       "model_dirs": dict(model.model_dirs),
                        "routing": evals[0].get("routing"), "expert_names": model.expert_names,
                        "bpb": {d: statistics.fmean(e["bpb"][d] for e in evals) for d in domains}}
     ordering = check_ordering(models, domains, settings)
@@ -49,7 +50,8 @@ def assemble(settings: StudySettings, runs: dict[ModelKey, ModelRuns], corpus: d
                f"{settings.seq_len} tokens (data-matched).")
     return {"title": title, "summary": summary, "domains": domains, "seeds": settings.seeds,
             "settings": settings.record(), "corpus": corpus, "provenance": provenance, "models": models,
-            "ordering": ordering, "add_expert": summarize_add_expert(settings, runs),
+            "ordering": ordering, "relative_to_btx": relative_to_btx(models, domains),
+            "add_expert": summarize_add_expert(settings, runs),
             "ablations": check_ablations(models, settings, recipes or {}),
             "adapter_experts": check_adapter_experts(models, settings, adapter_recipes or {})}
 
@@ -80,6 +82,45 @@ def check_ordering(models: dict[ModelKey, dict], domains: list[str], settings: S
         checks[f"expert {domain} best dense on {domain}"] = wins
         lines.append(f"{model_label(expert)} is the best dense model on {domain}: {sum(wins)}/{n_seeds} seeds")
     return {"checks": checks, "lines": lines}
+
+
+# ---------------------------------------------------------------------------------------------
+# Relative to BTX: the paper's Table 1 (METHOD.md section 6), whose absolute perplexities no other
+# seed and corpus can match, compared as each mixture's change against BTX
+
+# Table 1's per-domain perplexities (590M seed), by the built-in corpus's domain names (its "law" is legal).
+PAPER_TABLE_1 = {
+    ("btx", "DM"): {"general": 26.72, "code": 3.78, "legal": 6.63, "math": 5.77},
+    ("bam", "DM"): {"general": 24.02, "code": 3.45, "legal": 6.04, "math": 5.31},
+    ("bam", "CM"): {"general": 24.84, "code": 3.53, "legal": 6.21, "math": 5.43},
+    ("bam-shared", "DM"): {"general": 25.67, "code": 3.64, "legal": 6.39, "math": 5.57},
+    ("bam-shared", "CM"): {"general": 26.00, "code": 3.72, "legal": 6.50, "math": 5.63},
+}
+
+
+def relative_to_btx(models: dict[ModelKey, dict], domains: list[str]) -> dict | None:
+    """Per Table 1 mixture that ran: its mean perplexity's change against BTX's (data-matched; BTX is
+    also the compute-matched reference), per domain and on the average, ours and the paper's (the
+    paper's only for domains it has; its average over its four). None when BTX did not run."""
+    btx = models.get(ModelKey.mixture("btx", "DM"))
+    if btx is None:
+        return None
+    paper_btx = PAPER_TABLE_1["btx", "DM"]
+
+    def change(value: float, reference: float) -> float:
+        return value / reference - 1.0
+
+    rows = []
+    for (method, setting), paper in PAPER_TABLE_1.items():
+        key = ModelKey.mixture(method, setting)
+        if method == "btx" or key not in models:
+            continue
+        ours = {d: change(models[key]["perplexity"][d]["mean"], btx["perplexity"][d]["mean"]) for d in domains}
+        ours["avg"] = change(models[key]["avg_ppl"]["mean"], btx["avg_ppl"]["mean"])
+        theirs = {d: change(paper[d], paper_btx[d]) for d in domains if d in paper}
+        theirs["avg"] = change(statistics.fmean(paper.values()), statistics.fmean(paper_btx.values()))
+        rows.append({"model": key, "ours": ours, "paper": theirs})
+    return {"reference": ModelKey.mixture("btx", "DM"), "rows": rows}
 
 
 # ---------------------------------------------------------------------------------------------

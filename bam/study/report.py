@@ -6,6 +6,7 @@ bam.study.results.ModelKey; report.json and report.md name each model by its lab
 out as group, method and setting (`labelled`):
   results["models"][key] = {"perplexity": {domain: {"mean", "std", "per_seed"}}, "avg_ppl": {...},
                             "cost": {...}, "metrics": path of its training metrics.jsonl or None,
+                            "model_dirs": {seed: its model directory, relative to the study's OUT when inside it},
                             "routing": {"ffn": [layer][domain][expert], "attn": [layer][domain][expert]},
                             "expert_names", "bpb"}
   report.json["models"][label] = {"group": "dense"|"expert"|"moe"|"add-expert", "method",
@@ -13,6 +14,8 @@ out as group, method and setting (`labelled`):
   results["domains"], results["corpus"], results["seeds"], results["ordering"], results["notes"]
   results["provenance"]: per-domain sha256 and counts, software versions, the built-in corpus's
                          fingerprint against the README's (bam.study.study.Study.provenance)
+  results["relative_to_btx"]: bam.study.claims.relative_to_btx or None: "reference" (BTX (DM)'s key), "rows",
+                        each {"model": key, "ours", "paper": {domain or "avg": perplexity / BTX's - 1}}
   results["ablations"]: the paper's ablations (bam.study.claims.check_ablations) or None: "recipes" (method ->
                         how it was mixed, bam.study.study.Study.recipe_record) and "claims", each comparing
                         two models' average perplexity ("a", "b": keys; labels in report.json) per seed
@@ -86,6 +89,10 @@ def labelled(results: dict) -> dict:
         rows = {role: {"name": model_label(row["model"]), **{k: v for k, v in row.items() if k != "model"}}
                 for role, row in experiment["rows"].items()}
         out["add_expert"] = {**experiment, "rows": rows}
+    relative = results.get("relative_to_btx")
+    if relative:
+        rows = [{**row, "model": model_label(row["model"])} for row in relative["rows"]]
+        out["relative_to_btx"] = {"reference": model_label(relative["reference"]), "rows": rows}
     ablations = results.get("ablations")
     if ablations:
         claims = [{**claim, "a": model_label(claim["a"]), "b": model_label(claim["b"])}
@@ -311,6 +318,20 @@ def plot_cost(results: dict, out: Path) -> Path | None:
     return path
 
 
+def relative_lines(results: dict) -> list[str]:
+    """Each Table 1 mixture's perplexity change against BTX, ours beside the paper's
+    (bam.study.claims.relative_to_btx), with report.json's labels."""
+    relative, domains = results["relative_to_btx"], results["domains"]
+    md = [f"Change in mean perplexity against {relative['reference']} (negative: better), ours and, in brackets, "
+          f"the paper's Table 1 (590M seed; its average is over its four domains):", "",
+          "| model | " + " | ".join(domains) + " | avg |", "|---|" + "---|" * (len(domains) + 1)]
+    for row in relative["rows"]:
+        cells = [f"{row['ours'][d]:+.1%}" + (f" ({row['paper'][d]:+.1%})" if d in row["paper"] else "")
+                 for d in [*domains, "avg"]]
+        md.append(f"| {row['model']} | " + " | ".join(cells) + " |")
+    return md
+
+
 def ablation_lines(results: dict) -> list[str]:
     """The ablations section: how each ablation was mixed, then the paper's claims about them and
     whether we see them (bam.study.claims.check_ablations), the claims with report.json's labels."""
@@ -445,6 +466,8 @@ def write_report(results: dict, out: Path) -> None:
     md += ["## Held-out perplexity (test split, lower is better)", "", perplexity_table(results), ""]
     for line in ordering.get("lines", []):
         md.append(f"- {line}")
+    if results.get("relative_to_btx"):
+        md += ["", "## Relative to BTX (the paper's Table 1)", ""] + relative_lines(results)
     if results.get("ablations"):
         md += ["", "## The paper's ablations (METHOD.md 6: parameter-matched BTX, top-k attention routing)", ""]
         md += ablation_lines(results)

@@ -55,5 +55,6 @@ class ModelRuns:
     """One model's evaluations, one per seed, and what the report shows of its training."""
 
     evals: dict[int, dict] = field(default_factory=dict)  # seed -> its eval stage's record
+    model_dirs: dict[int, str] = field(default_factory=dict)  # seed -> its model directory (relative to OUT inside it)
     metrics: str | None = None  # the first training metrics.jsonl recorded (loss curves, tokens/s)
     expert_names: list[str] | None = None  # a mixture's experts in router order (routing plots)

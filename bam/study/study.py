@@ -423,6 +423,7 @@ def run_study(settings: StudySettings, out: Path, title: str = "bam run") -> dic
         evaluation = study.evaluate(model_dir, model_label(key), routing)
         model = runs.setdefault(key, ModelRuns(expert_names=experts))
         model.evals[seed] = evaluation
+        model.model_dirs[seed] = study.rel(model_dir)
         if metrics is not None and metrics.exists() and model.metrics is None:
             model.metrics = str(metrics)
 
