@@ -210,7 +210,8 @@ def run(opts: Options) -> dict:
         "uncompressed cache of the same model (ratios); kvpress SnapKVPress on the dense model (independent "
         "reference); bam.modeling.cost (KV bytes)", opts,
         {**s, "budgets": list(BUDGETS), "window": WINDOW, "kernel": KERNEL, "pooling": "avg",
-         "model": "random tiny" if opts.size == "tiny" else SMOLLM2 + " (SmolLM2-135M-Instruct Q4_1 GGUF)",
+         "model": ("the study's seed" if opts.study else "random tiny" if opts.size == "tiny"
+                   else SMOLLM2 + " (SmolLM2-135M-Instruct Q4_1 GGUF)"),
          "study": None if opts.study is None else str(opts.study)})
     torch.manual_seed(0)
     root = Path(opts.context.get("tmp_dir") or tempfile.mkdtemp()) / NAME
