@@ -2,6 +2,7 @@
 (SmolLM2-135M-Instruct as a GGUF file, downloaded once per machine)."""
 
 import os
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,21 @@ def random_model():
                 noise = torch.randn(param.shape, generator=generator)
                 param.copy_(1 + 0.1 * noise if "norm" in name else 0.1 * noise)
         return model
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def stdlib_tokenizer():
+    """Factory: a byte-level BPE of `vocab_size` trained on modules of Python's standard library
+    (text every machine running the tests has), written to `out_dir`; returns out_dir."""
+
+    def make(out_dir: Path, vocab_size: int, modules=("textwrap.py", "string.py")) -> Path:
+        from bam.data.tokenizer import train_tokenizer
+
+        stdlib = Path(sysconfig.get_paths()["stdlib"])
+        train_tokenizer([(stdlib / m).read_text(encoding="utf-8") for m in modules], vocab_size, out_dir)
+        return out_dir
 
     return make
 

@@ -10,18 +10,16 @@ from bam.formats.model_dir import load_model, save_model
 from bam.cli import main
 from bam.modeling.config import BamConfig
 from bam.modeling.model import BamForCausalLM
-from bam.data.tokenizer import load_tokenizer, train_tokenizer
+from bam.data.tokenizer import load_tokenizer
 
 PROMPT = "def dedent(text):\n    "
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(tmp_path_factory, stdlib_tokenizer):
     """A dense model and a BAM mixture of three, all with a tokenizer trained on stdlib source."""
     root = tmp_path_factory.mktemp("generate")
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    train_tokenizer([(stdlib / n).read_text(encoding="utf-8") for n in ("textwrap.py", "string.py", "shlex.py")],
-                    400, root / "tokenizer")
+    stdlib_tokenizer(root / "tokenizer", 400, ("textwrap.py", "string.py", "shlex.py"))
     vocab = len(load_tokenizer(root / "tokenizer"))
     experts = []
     for seed in range(3):

@@ -7,7 +7,6 @@ own logits, the way lm-eval's multiple-choice tasks define it (context, then " "
 import json
 import subprocess
 import sys
-import sysconfig
 import textwrap
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from bam.cli import main  # noqa: E402
 from bam.modeling.config import BamConfig  # noqa: E402
 from bam.eval.harness import run_lm_eval  # noqa: E402
 from bam.modeling.model import BamForCausalLM  # noqa: E402
-from bam.data.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
+from bam.data.tokenizer import load_tokenizer  # noqa: E402
 
 TASK = "bam_test_arith"
 
@@ -32,12 +31,10 @@ def documents() -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, stdlib_tokenizer):
     """A BAM mixture of two random dense models with a real tokenizer, and a local task."""
     root = tmp_path_factory.mktemp("lm_eval")
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    train_tokenizer([(stdlib / n).read_text(encoding="utf-8") for n in ("textwrap.py", "string.py")],
-                    320, root / "tokenizer")
+    stdlib_tokenizer(root / "tokenizer", 320)
     experts = []
     for seed in range(2):
         config = BamConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -4,15 +4,13 @@ filler), exact-match scoring, compressed-with-room equal to uncompressed through
 continuation NLL against one full forward, and bad inputs refused in one line."""
 
 import json
-import sysconfig
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from bam.cli import main
-from bam.data.tokenizer import load_tokenizer, train_tokenizer
+from bam.data.tokenizer import load_tokenizer
 from bam.errors import BamError
 from bam.eval import long_context as lc
 from bam.formats.model_dir import load_model, save_model
@@ -25,12 +23,10 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|user|>{{ m['content'] }}<|end|>{% end
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(tmp_path_factory, stdlib_tokenizer):
     """A random dense model and a random BAM (3 KV experts), with a small tokenizer trained on stdlib source."""
     root = tmp_path_factory.mktemp("long_context")
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    train_tokenizer([(stdlib / n).read_text(encoding="utf-8") for n in ("textwrap.py", "string.py")],
-                    300, root / "tokenizer")
+    stdlib_tokenizer(root / "tokenizer", 300)
     vocab = len(load_tokenizer(root / "tokenizer"))
     paths = {}
     for name, fields in {"dense": {}, "bam": dict(n_attn_experts=3)}.items():

@@ -235,8 +235,6 @@ def press_of(budget, split: str = "even", window: int = 32) -> SnapKV | None:
     return None if budget is None else SnapKV(budget, window=window, split=split)
 
 
-
-
 # ---------------------------------------------------------------------------------------------
 # `bam eval --long-context`
 
