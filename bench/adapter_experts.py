@@ -10,8 +10,8 @@ not renormalized (BAM's rule), soft attention routing:
     lora-bam            LoRA experts on q/k/v/o and the FFN, attention experts mixing outputs (BAM)
     lora-bam-params     the same, attention experts mixing parameters (MoLoRA: one attention)
     ia3-bam             (IA)³ experts on k/v and down_proj's input, mixing outputs
-Adapter models train what `bam train` trains on them by default: routers and adapters, the seed
-frozen. Each step is forward + backward + AdamW (bam.train.optim's), fused LM loss, as `bam train`
+Adapter models train what `bam train` trains on them by default (bam.train.optim.ADAPTER_MIXTURE_TRAINS:
+routers, adapters and the seed's embeddings, LM head and norms; its projections frozen). Each step is forward + backward + AdamW (bam.train.optim's), fused LM loss, as `bam train`
 runs it; tokens/s are interleaved in one run (bench/common.py compare).
 
 Held memory: parameters (count and ratio to the seed's), and the peak RSS (wait4's ru_maxrss,
@@ -30,7 +30,7 @@ import torch
 from bam.modeling import cost
 from bam.modeling.config import BamConfig
 from bam.modeling.model import BamForCausalLM
-from bam.train.optim import make_optimizer, set_trainable
+from bam.train.optim import ADAPTER_MIXTURE_TRAINS, make_optimizer, set_trainable
 from bench.common import CACHE_DIR, Options, check, check_result, compare, finish, log, new_result, ratio, run_measured
 
 NAME = "adapter_experts"
@@ -77,7 +77,7 @@ def config(name: str, s: dict) -> BamConfig:
 def build(name: str, s: dict) -> BamForCausalLM:
     torch.manual_seed(0)
     model = BamForCausalLM(config(name, s))
-    set_trainable(model, "routers,adapter" if model.config.adapter_experts else "all")  # as bam train does
+    set_trainable(model, ADAPTER_MIXTURE_TRAINS if model.config.adapter_experts else "all")  # as bam train does
     return model.train()
 
 
@@ -132,7 +132,7 @@ def run(opts: Options) -> dict:
         NAME, "Adapter experts: memory held and training tokens/s",
         "full experts of the same routing (btx, bam) and the dense seed; limit: lora-bam holds <= 1.25x the seed",
         opts, {**s, "n_experts": N_EXPERTS, "ffn_top_k": 1, "lora": {k: v for k, v in LORA.items() if k != "adapter"},
-               "trained": "adapter models: routers + adapters (the seed frozen); others: every parameter"})
+               "trained": f"adapter models: {ADAPTER_MIXTURE_TRAINS} (the seed's projections frozen); others: every parameter"})
     models = {name: build(name, s).to(opts.device, opts.dtype) for name in MODELS}
     ids = torch.randint(0, s["vocab_size"], (s["batch"], s["seq"]), generator=torch.Generator().manual_seed(1))
     ids = ids.to(opts.device)
@@ -172,7 +172,7 @@ def run(opts: Options) -> dict:
         check("lora-bam params held / seed", lora["x seed"], "<=", HELD_LIMIT),
         check("lora-bam held RSS / seed's", lora["held x seed"], "<=", HELD_LIMIT,
               "peak RSS above the floor of a process holding the model (one no-grad forward)"),
-        check("lora-bam training tokens/s / full bam", lora["x bam"], ">=", 1.0, "routers + adapters vs every parameter"),
+        check("lora-bam training tokens/s / full bam", lora["x bam"], ">=", 1.0, f"{ADAPTER_MIXTURE_TRAINS} vs every parameter"),
     ]
     result["notes"].append(f"params held: seed {held['seed']:,}, bam {held['bam']:,} ({held['bam'] / held['seed']:.2f}x), "
                            f"lora-bam {held['lora-bam']:,} ({held['lora-bam'] / held['seed']:.3f}x)")

@@ -402,10 +402,16 @@ def test_adapter_methods_and_settings_are_parsed_and_refused_by_name(tmp_path):
         StudySettings(adapters={"rank": 8})
     with pytest.raises(BamError, match=r"adapters.lr_scale=0: expected a positive number"):
         StudySettings(adapters={"lr_scale": 0})
+    with pytest.raises(BamError, match=r"adapters.mixture_train_only: train_only='routers,seed': unknown group 'seed'"):
+        StudySettings(adapters={"mixture_train_only": "routers,seed"})
     scaled = StudySettings(cpt={"lr": 2e-3}, adapters={"lr_scale": 5})
-    assert scaled.adapters.training(scaled.cpt).values == {**scaled.cpt.values, "lr": pytest.approx(1e-2)}
+    assert scaled.adapters.cpt_training(scaled.cpt).values == {**scaled.cpt.values, "lr": pytest.approx(1e-2)}
+    assert scaled.adapters.mixture_training(scaled.mixture).values == {
+        **scaled.mixture.values, "lr": pytest.approx(5e-3), "train_only": "routers,adapter,embeddings,norms"}
+    frozen = StudySettings(adapters={"mixture_train_only": "routers,adapter"})
+    assert frozen.adapters.mixture_training(frozen.mixture).values["train_only"] == "routers,adapter"
     unscaled = StudySettings(adapters={"lr_scale": 1})
-    assert unscaled.adapters.training(unscaled.cpt) is unscaled.cpt  # lr_scale 1: the full methods' own section
+    assert unscaled.adapters.cpt_training(unscaled.cpt) is unscaled.cpt  # lr_scale 1: the full methods' own section
     assert demo_settings("tiny").methods == ["btx", "bam", "bam-shared"]  # the default demo is unchanged
     assert demo_settings("tiny", adapters=True).methods == [
         "btx", "bam", "bam-shared", "lora-btx", "lora-bam", "lora-bam-param-mixing", "ia3-bam"]
@@ -514,7 +520,15 @@ def test_adapter_mixtures_are_configured_by_method_and_trained_data_matched(adap
         btx = next(out.glob("stages/mixture-btx-*/run"))
         assert metrics_steps(trained) == metrics_steps(btx) == 6
         train, btx_train = (json.loads((r / "run.json").read_text())["fingerprint"]["train"] for r in (trained, btx))
-        assert train["train_only"] == "routers,adapter" and train["lr"] == pytest.approx(2 * btx_train["lr"])
+        assert train["train_only"] == "routers,adapter,embeddings,norms" and train["lr"] == pytest.approx(2 * btx_train["lr"])
+        # The seed's projections stay frozen under the adapters; the embeddings, LM head and norms,
+        # held once and shared by every expert, train with the routers and adapters.
+        mixed, after = (load_file(d / "model" / "model.safetensors") for d in (stage, trained))
+        seed_weights = {name: t for name, t in mixed.items() if "adapter" not in name and "router" not in name}
+        for name, tensor in seed_weights.items():
+            moved = not torch.equal(tensor, after[name])
+            assert moved == (name.endswith(("embed_tokens.weight", "lm_head.weight")) or "norm" in name), name
+        assert any(not torch.equal(mixed[n], after[n]) for n in mixed if "adapter" in n or "router" in n)
         model = report["models"][f"{METHOD_LABELS[method]} (DM)"]
         assert set(model["perplexity"]) == {"general", "json", "email"}
         assert model["cost"]["full_experts"]["params_total"] > model["cost"]["params_total"]

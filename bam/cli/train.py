@@ -119,7 +119,7 @@ def add_data_args(p, what: str, required: bool = True) -> None:
 
 
 def _register_train(subparsers) -> None:
-    from bam.train.optim import TRAIN_GROUPS  # noqa: PLC0415
+    from bam.train.optim import ADAPTER_MIXTURE_TRAINS, TRAIN_GROUPS  # noqa: PLC0415
 
     p = subparsers.add_parser(
         "train", help="train a model on a weighted mixture of domains (torchrun for DDP/FSDP2)",
@@ -150,7 +150,8 @@ def _register_train(subparsers) -> None:
                    help="router z-loss coefficient; unset keeps the model config's")
     p.add_argument("--train-only", default=None, metavar="GROUPS",
                    help=f"comma-separated groups ({', '.join(TRAIN_GROUPS)}) or name patterns; default all, "
-                        f"but routers,adapter for a mixture of adapter experts (the seed stays frozen)")
+                        f"but {ADAPTER_MIXTURE_TRAINS} for a mixture of adapter experts (the seed's "
+                        f"projections stay frozen; routers,adapter freezes the whole seed)")
     adapter = p.add_argument_group("adapter: train only a LoRA or (IA)³ adapter on the frozen MODEL; "
                                    "OUT/model is then a PEFT adapter directory (adapter_config.json, adapter_model.safetensors)")
     adapter.add_argument("--adapter", choices=("lora", "ia3"), default=None, help="the adapter to train")

@@ -36,7 +36,8 @@ the frozen seed (`bam train SEED --adapter`, the study's `adapters:` settings), 
 with the full expert of its domain (the same CPT steps, batch, sequence length and general-data
 fraction); `bam mix --base SEED ADAPTER...` (bam/mix/adapter_mix.py) makes the seed the general
 expert (a zero adapter) and expert i the seed plus domain i's adapter; the mixture trains its
-routers and adapters, the seed frozen, for the full methods' mixture steps (data-matched only):
+routers, adapters and the seed's embeddings, LM head and norms (bam train's default for such a
+mixture; the seed's projections frozen) for the full methods' mixture steps (data-matched only):
 
     method                   adapters   mixed as     attention experts mix
     lora-btx                 LoRA       btx          (one attention: the adapters' q/k/v/o averaged in)

@@ -259,7 +259,7 @@ class Study:
         the same data, CPT settings and steps, only the adapter trains (`bam train --adapter`)."""
         s = self.settings
         return {domain: self.train_stage(f"adapter-{kind}-{domain}", seed_model, self.cpt_weights(domain),
-                                         s.adapters.training(s.cpt), seed, adapter=s.adapters.train_fields(kind))
+                                         s.adapters.cpt_training(s.cpt), seed, adapter=s.adapters.train_fields(kind))
                 for domain in s.expert_domains}
 
     def recipe(self, method: str, experts: dict[str, Path]) -> MixRecipe:
@@ -449,7 +449,7 @@ def run_study(settings: StudySettings, out: Path, title: str = "bam run") -> dic
                 mixed = study.mixed(method, experts, seed)
             if method not in MOE_METHODS and method not in ADAPTER_EXPERT_METHODS:
                 recipes[method] = study.recipe_record(method, experts)
-            training = settings.adapters.training(settings.mixture) if method in ADAPTER_EXPERT_METHODS \
+            training = settings.adapters.mixture_training(settings.mixture) if method in ADAPTER_EXPERT_METHODS \
                 else settings.mixture
             for setting, steps in study.mixture_steps(method, experts).items():
                 trained = study.train_stage(f"mixture-{method}", mixed, {d: 1.0 for d in settings.domains},

@@ -55,7 +55,7 @@ class TrainConfig:
     aux_loss_coef: float | None = None  # None keeps the model config's router_aux_loss_coef
     z_loss_coef: float | None = None  # None keeps the model config's router_z_loss_coef
     # `--train-only` groups (bam/train/optim.py); None: the model's default, every parameter, but
-    # for a mixture of adapter experts its routers and adapters on the frozen seed (METHOD.md 7)
+    # for a mixture of adapter experts optim.ADAPTER_MIXTURE_TRAINS (the seed's projections frozen)
     train_only: str | None = None
     # An adapter trained alone on the frozen model (bam/modeling/adapters.py): "lora" or "ia3"; the run's
     # model is then a PEFT adapter directory (bam/formats/peft.py). Targets default to every linear

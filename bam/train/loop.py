@@ -49,7 +49,7 @@ from bam.train.data import prepare_domains, tokenizer_for
 from bam.train.distributed import Dist, gathered_model, grad_sync, wrap_model
 from bam.train.fingerprint import first_difference, run_fingerprint
 from bam.train.metrics import METRICS, MetricsLog, trim_metrics
-from bam.train.optim import make_optimizer, set_trainable
+from bam.train.optim import ADAPTER_MIXTURE_TRAINS, make_optimizer, set_trainable
 from bam.train.schedule import lr_at
 from bam.train.state import (
     STATE_MODEL,
@@ -196,7 +196,7 @@ def _train(cfg: TrainConfig, env: Dist) -> Path:
         config = config_from_dict({**config.to_dict(), **cfg.adapter_fields()}, f"--adapter {cfg.adapter}")
         adapter_family(source)
     if cfg.train_only is None:  # (resolved before the fingerprint, which records it)
-        cfg = replace(cfg, train_only="routers,adapter" if config.adapter_experts else "all")
+        cfg = replace(cfg, train_only=ADAPTER_MIXTURE_TRAINS if config.adapter_experts else "all")
     tokenizer, tokenizer_dir = tokenizer_for(cfg)
     check_settings(cfg, config, env, tokenizer, tokenizer_dir)
     domains, weights = prepare_domains(cfg, tokenizer, env)

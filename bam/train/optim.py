@@ -35,6 +35,13 @@ TRAIN_GROUPS: dict[str, tuple[str, ...]] = {
     "adapter": ("adapter",),  # LoRA or (IA)³ tensors: what `bam train --adapter` trains, alone
 }
 
+# What a mixture of adapter experts trains unless told: its routers and adapters, and the seed's
+# embeddings, LM head and norms, which every expert shares and the mixture holds once (the full
+# methods average and train them too), so held parameters do not grow; the seed's projections stay
+# frozen under the adapters. Half of a full expert's gain is in those shared tensors, out of any
+# adapter's reach (measured in docs/adapters.md, "Training"). `routers,adapter` is MoLoRA's recipe.
+ADAPTER_MIXTURE_TRAINS = "routers,adapter,embeddings,norms"
+
 
 def parse_train_only(spec: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """`--train-only` as (roles, name patterns); unknown group names are refused."""
