@@ -292,19 +292,26 @@ def adapter_moe(tmp_path_factory):
     return build_assets(), root / "moe"
 
 
-def test_training_an_adapter_moe_updates_routers_and_adapters_and_resumes(adapter_moe, tmp_path):
+def test_training_an_adapter_moe_updates_routers_adapters_and_shared_tensors_and_resumes(adapter_moe, tmp_path):
     assets, moe = adapter_moe
     out = tmp_path / "run"
     assert main(train_moe_args(assets, moe, out)) == 0
     before, after = load_file(str(moe / "model.safetensors")), load_file(str(out / "model" / "model.safetensors"))
-    changed = {name for name in before if not torch.equal(before[name], after[name])}
-    assert changed == {name for name in before if ".router." in name or ".adapter." in name}  # the seed is frozen
+
+    def changed(trained: dict) -> set[str]:
+        return {name for name in before if not torch.equal(before[name], trained[name])}
+
+    routed = {name for name in before if ".router." in name or ".adapter." in name}
+    shared = {name for name in before if name.endswith(("embed_tokens.weight", "lm_head.weight")) or "norm" in name}
+    assert shared and changed(after) == routed | shared  # the seed's projections stay frozen
     shutil.rmtree(out / "checkpoints" / "step_000004")
     shutil.rmtree(out / "model")
     assert main([*train_moe_args(assets, moe, out), "--resume"]) == 0
     resumed = load_file(str(out / "model" / "model.safetensors"))
     assert all(torch.equal(resumed[name], after[name]) for name in after)
-    # the seed too, when asked
+    # MoLoRA's recipe, the whole seed frozen, and the seed's projections too, when asked
+    assert main(train_moe_args(assets, moe, tmp_path / "molora", "--train-only", "routers,adapter", "--max-steps", "1")) == 0
+    assert changed(load_file(str(tmp_path / "molora" / "model" / "model.safetensors"))) == routed
     assert main(train_moe_args(assets, moe, tmp_path / "all", "--train-only", "all", "--max-steps", "1")) == 0
     trained = load_file(str(tmp_path / "all" / "model" / "model.safetensors"))
     assert not torch.equal(trained["model.layers.0.attn.q_proj.weight"], before["model.layers.0.attn.q_proj.weight"])
