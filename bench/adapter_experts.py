@@ -11,8 +11,9 @@ not renormalized (BAM's rule), soft attention routing:
     lora-bam-params     the same, attention experts mixing parameters (MoLoRA: one attention)
     ia3-bam             (IA)³ experts on k/v and down_proj's input, mixing outputs
 Adapter models train what `bam train` trains on them by default (bam.train.optim.ADAPTER_MIXTURE_TRAINS:
-routers, adapters and the seed's embeddings, LM head and norms; its projections frozen). Each step is forward + backward + AdamW (bam.train.optim's), fused LM loss, as `bam train`
-runs it; tokens/s are interleaved in one run (bench/common.py compare).
+routers, adapters and the seed's embeddings, LM head and norms; its projections frozen). Each step is
+forward + backward + AdamW (bam.train.optim's), fused LM loss, as `bam train` runs it; tokens/s are
+interleaved in one run (bench/common.py compare).
 
 Held memory: parameters (count and ratio to the seed's), and the peak RSS (wait4's ru_maxrss,
 bench/common.py run_measured) of a process that builds the model and holds it (one no-grad forward of
