@@ -365,11 +365,10 @@ def adapter_lines(results: dict) -> list[str]:
     bam_rate = bam["train_tokens_per_s"] if bam else None
     trains = results["settings"]["adapters"]["mixture_train_only"]
     md = ["Each domain expert is also an adapter on the frozen seed, trained on the same data for the same steps "
-          "as the full expert; the seed is the general expert; the mixture trains its "
-          f"`{trains}` (`adapters.mixture_train_only`; held once, so the parameters held do not grow) "
-          "for the full methods' steps (data-matched). Costs: parameters held and active, "
-          "inference FLOPs and KV-cache bytes per token; the full-expert twin is the same mixture with every "
-          "expert materialized (`bam mix --materialize`). Peak memory is measured by bench/, not here.", ""]
+          f"as the full expert; the seed is the general expert; the mixture trains `{trains}` "
+          "(`adapters.mixture_train_only`) for the full methods' steps (data-matched). Costs: parameters held "
+          "and active, inference FLOPs and KV-cache bytes per token; the full-expert twin is the same mixture "
+          "with every expert materialized (`bam mix --materialize`). Peak memory is measured by bench/, not here.", ""]
     for method, row in section["rows"].items():
         if row["recipe"]:
             md.append(f"- {row['name']} (`{method}`): {row['recipe']['describe']}")
