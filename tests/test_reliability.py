@@ -261,6 +261,24 @@ def test_atomic_output_dir_cleans_up_after_itself_and_after_killed_writers(tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, elsewhere.name, other_output.name, "out"])
 
 
+def test_pruning_training_states_finishes_a_killed_pruning(tmp_path):
+    """A study stage prunes its run's training states once the stage is done; a kill in the middle of
+    that leaves a state moved aside, which the re-run (finding the stage done) prunes again and removes."""
+    from bam.train.state import STATES_DIR, prune_training_states
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True)
+    states = tmp_path / "run" / STATES_DIR
+    moved_aside = states / f".step_000004.old-{int(finished.stdout)}@{socket.gethostname()}-abc123"
+    live = states / f".step_000006.tmp-{os.getpid()}@{socket.gethostname()}-def456"  # a writer still at work
+    (moved_aside / "step_000004").mkdir(parents=True)
+    live.mkdir()
+    (states / "step_000002").mkdir()
+    (states / "step_000002" / "trainer.json").write_text("{}")
+    prune_training_states(tmp_path / "run", keep=0)
+    assert [p.name for p in states.iterdir()] == [live.name]
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input: one parametrized case each, through the real CLI
 

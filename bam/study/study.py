@@ -225,6 +225,8 @@ class Study:
             spec["adapter"] = adapter
         stage = self.stages.dir(name, spec)
         if self.stages.done(stage):
+            # A kill after the stage finished, while its training states were being deleted: finish that.
+            prune_training_states(stage / "run", keep=0)
             return stage / "run" / "model"
         log(f"training {name}: {steps} steps from {self.rel(model)}")
         stage.mkdir(parents=True, exist_ok=True)

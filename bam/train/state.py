@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from bam.errors import BamError, first_line
 from bam.formats.model_dir import save_model
-from bam.io.atomic import atomic_output_dir, remove_dir
+from bam.io.atomic import atomic_output_dir, remove_dir, remove_stale_temporaries
 from bam.io.manifest import verify_manifest
 from bam.train.distributed import Dist, full_optimizer_state, gathered_model
 
@@ -100,10 +100,12 @@ def save_training_state(out: Path, step: int, model, optimizer, env: Dist, bad_s
 
 
 def prune_training_states(out: Path, keep: int) -> None:
-    """Remove all but the `keep` newest training states of run OUT (keep=0: every one)."""
+    """Remove all but the `keep` newest training states of run OUT (keep=0: every one), and what a
+    killed pruning left moved aside."""
     states = complete_training_states(out)
     for _, path in states[:max(0, len(states) - keep)]:
         remove_dir(path)  # moved aside first: a kill mid-delete never leaves a partial step_* visible
+    remove_stale_temporaries(out / STATES_DIR)
 
 
 # ---------------------------------------------------------------------------------------------
